@@ -1,0 +1,38 @@
+"""Shared fixtures: the real data folder (skips when absent) and seeded generators."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# The real research data lives beside the repository, never inside it (see ../shared/data/README.md).
+SHARED_DATA = Path(os.environ.get("RETRBENCH_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under the shared real-data folder, skipping the test with a reason when absent."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"real data not available: {p} is absent (set RETRBENCH_SHARED_DATA to the shared/data folder)")
+    return p
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    return shared_path()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep every test's caches and data out of the user's home."""
+    root = tmp_path_factory.getbasetemp() / "retrbench-cache"
+    monkeypatch.setenv("RETRBENCH_CACHE", str(root))
+    monkeypatch.setenv("RETRBENCH_DATA", str(root / "data"))
