@@ -1,0 +1,171 @@
+"""Tidy results: one row per (dataset, split, metric) with the full configuration.
+
+Rows are appended to ``<results_dir>/results.jsonl`` (JSON lines: robust to new config
+fields, read back with :func:`load_results` as a pandas DataFrame).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import RunConfig
+from .types import Metric
+
+__all__ = ["RunResult", "tidy_rows", "append_results", "load_results", "wide_table", "render"]
+
+RESULTS_FILE = "results.jsonl"
+TABLE_INDEX = ("model", "pooling", "whiten", "rerank")
+_SPLIT_ORDER = {"easy": 0, "medium": 1, "hard": 2, "all": 3}
+
+
+def tidy_rows(
+    config: RunConfig,
+    metrics: Sequence[Metric],
+    *,
+    protocol: str,
+    provenance: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One dict per metric: config fields, ``split``, ``metric``, ``value`` and provenance."""
+    from . import __version__
+
+    base = {**config.to_dict(), "protocol": protocol}
+    base.setdefault("retrbench_version", __version__)
+    base["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    base.update(provenance)
+    return [{**base, "split": m.split, "metric": m.name, "value": float(m.value)} for m in metrics]
+
+
+def append_results(rows: Iterable[dict[str, Any]], results_dir: str | Path) -> Path:
+    """Append ``rows`` to ``<results_dir>/results.jsonl`` (one write, flushed and fsynced)."""
+    path = Path(results_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """Read a results file (or a results directory) into a DataFrame, one row per metric."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no results file at {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON results row ({e})") from e
+    return pd.DataFrame(rows)
+
+
+def _label(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def wide_table(rows: pd.DataFrame, index: Sequence[str] = TABLE_INDEX) -> pd.DataFrame:
+    """Pivot tidy rows into methods x (dataset, split, metric) columns."""
+    df = rows.copy()
+    index = [c for c in index if c in df.columns]
+    for c in index:
+        df[c] = df[c].map(_label)
+    df["_split_order"] = df["split"].map(lambda s: _SPLIT_ORDER.get(s, 9))
+    col_order = (
+        df[["dataset", "_split_order", "split", "metric"]]
+        .drop_duplicates(subset=["dataset", "split", "metric"])
+        .sort_values(["dataset", "_split_order"], kind="stable")
+    )
+    table = df.pivot_table(index=index, columns=["dataset", "split", "metric"], values="value", aggfunc="last", sort=False)
+    cols = [tuple(r) for r in col_order[["dataset", "split", "metric"]].itertuples(index=False)]
+    table = table.reindex(columns=pd.MultiIndex.from_tuples(cols, names=["dataset", "split", "metric"]))
+    table.columns = table.columns.set_names(["dataset", "split", "metric"])
+    return table
+
+
+def _flat(table: pd.DataFrame) -> pd.DataFrame:
+    flat = table.copy()
+    datasets = table.columns.get_level_values("dataset").unique()
+    flat.columns = [
+        " ".join(p for p in ((d if len(datasets) > 1 else ""), ("" if s == "all" else s.capitalize()), m) if p)
+        for d, s, m in table.columns
+    ]
+    return flat.reset_index()
+
+
+def render(table: pd.DataFrame, fmt: str = "markdown", precision: int = 2) -> str:
+    """Render a wide table as ``markdown``, ``latex`` (booktabs), ``html`` or ``csv``."""
+    if fmt == "markdown":
+        return _flat(table).to_markdown(index=False, floatfmt=f".{precision}f")
+    if fmt == "latex":
+        styler = table.style.format(precision=precision, na_rep="--")
+        return styler.to_latex(hrules=True, multicol_align="c", column_format="l" * table.index.nlevels + "r" * table.shape[1])
+    if fmt == "html":
+        return table.style.format(precision=precision, na_rep="--").to_html()
+    if fmt == "csv":
+        return _flat(table).to_csv(index=False, float_format=f"%.{precision}f")
+    raise ValueError(f"unknown table format {fmt!r}; choose markdown, latex, html or csv")
+
+
+@dataclass
+class RunResult:
+    """What :func:`retrbench.run` returns.
+
+    Attributes:
+        config: the resolved configuration.
+        rows: tidy result rows (one per metric) with provenance.
+        info: timings (seconds), sizes, whitening note, dataset notes.
+        result: the final ranking (``SearchResult``, ``(Q, K)``).
+    """
+
+    config: RunConfig
+    rows: list[dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """Tidy DataFrame: dataset, protocol, split, metric, value."""
+        df = pd.DataFrame(self.rows)
+        return df[["dataset", "protocol", "split", "metric", "value"]]
+
+    def table(self) -> pd.DataFrame:
+        return wide_table(pd.DataFrame(self.rows))
+
+    def value(self, metric: str = "mAP", split: str | None = None) -> float:
+        """One number, e.g. ``value("mAP", "medium")``."""
+        m = self.metrics
+        sel = m[(m.metric == metric) & ((m.split == split) if split else True)]
+        if len(sel) != 1:
+            raise KeyError(f"{len(sel)} rows match metric={metric!r} split={split!r}; have {sorted(set(zip(m.split, m.metric)))}")
+        return float(sel.value.iloc[0])
+
+    def to_markdown(self, precision: int = 2) -> str:
+        return render(self.table(), "markdown", precision)
+
+    def to_latex(self, precision: int = 2) -> str:
+        return render(self.table(), "latex", precision)
+
+    def _repr_html_(self) -> str:
+        return render(self.table(), "html")
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
+    def __repr__(self) -> str:
+        return f"RunResult({self.config.model} on {self.config.dataset})\n{self.to_markdown()}"
