@@ -28,6 +28,8 @@ _ALLOWED: frozenset[tuple[str, str]] = frozenset(
         for n in ("_reconstruct", "scalar")
     }
     | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+    # protocol-2 pickles of numpy arrays written by Python 3 encode raw bytes through _codecs
+    | {("_codecs", "encode")}
     | {(m, "_frombuffer") for m in ("numpy.core.numeric", "numpy._core.numeric")}
 )
 
