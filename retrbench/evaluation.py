@@ -504,3 +504,87 @@ def evaluate(
     arr = _as_ranks(ranks, len(gnd))
     kappas = _check_kappas(kappas)
     return entry.factory(arr, gnd, kappas)  # the factory checks gnd, naming the protocol
+
+
+# GLDv2 retrieval challenge metric (Weyand et al. 2020; Kaggle / DELF definition)
+
+
+def _relevance(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(Q, k)`` bool relevance of the first ``k`` junk-free results, and ``(Q,)`` positives per query."""
+    arr = np.asarray(ranks)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"ranks: expected a 2-D (Q, K) integer array, got shape {arr.shape}, dtype {arr.dtype}")
+    if arr.shape[0] != len(gnd):
+        raise ValueError(f"ranks: {arr.shape[0]} rows for {len(gnd)} ground-truth queries (one row per query)")
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    rel = np.zeros((arr.shape[0], k), dtype=bool)
+    n_pos = np.zeros(arr.shape[0], dtype=np.int64)
+    for q, g in enumerate(gnd):
+        if "ok" not in g:
+            raise ValueError(f"gnd[{q}] lacks key 'ok' (has {sorted(map(str, g))})")
+        ok = np.unique(np.asarray(g["ok"], dtype=np.int64).reshape(-1))
+        junk = np.asarray(g.get("junk", ()), dtype=np.int64).reshape(-1)
+        n_pos[q] = ok.size
+        row = arr[q]
+        row = row[(row != -1) & ~np.isin(row, junk)][:k]
+        _, first = np.unique(row, return_index=True)
+        once = np.zeros(row.size, dtype=bool)
+        once[first] = True  # a repeated id takes a position but is relevant only once
+        rel[q, : row.size] = np.isin(row, ok) & once
+    return rel, n_pos
+
+
+def map_at_k(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], k: int = 100) -> float:
+    """GLDv2 / Kaggle mean average precision at ``k``, in percent.
+
+    Args:
+        ranks: ``(Q, K)`` database indices, best first (``-1`` = nothing); ``K`` may be < ``k``.
+        gnd: ``Q`` mappings with ``ok`` (relevant database indices) and optional ``junk``.
+        k: cut-off (100 for GLDv2).
+
+    Returns:
+        ``100 * mean_q (1 / min(m_q, k)) * sum_{i<=k} P_q(i) rel_q(i)`` over the queries with
+        ``m_q >= 1`` relevant images; ``nan`` when there is none.
+    """
+    rel, n_pos = _relevance(ranks, gnd, k)
+    valid = n_pos > 0
+    if not valid.any():
+        return float("nan")
+    hits = np.cumsum(rel, axis=1)
+    prec = hits / np.arange(1, k + 1)
+    ap = (prec * rel).sum(axis=1)[valid] / np.minimum(n_pos[valid], k)
+    return float(100.0 * ap.mean())
+
+
+def precision_at_k(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], kappas: Sequence[int]) -> np.ndarray:
+    """``(len(kappas),)`` mean P@k in percent as DELF's ``MeanPrecisions``: relevant in the top k / k."""
+    kmax = max(int(k) for k in kappas)
+    rel, n_pos = _relevance(ranks, gnd, kmax)
+    valid = n_pos > 0
+    if not valid.any():
+        return np.full(len(kappas), np.nan)
+    hits = np.cumsum(rel[valid], axis=1)
+    return np.array([100.0 * float(np.mean(hits[:, int(k) - 1] / int(k))) for k in kappas])
+
+
+@PROTOCOLS.register(
+    "gldv2",
+    info=ProtocolInfo(("ok", "junk"), ("all",), "GLDv2 retrieval: mAP@100 (Kaggle / DELF) and mP@k"),
+)
+def gldv2_protocol(
+    ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], kappas: Sequence[int] = (1, 5, 10)
+) -> list[Metric]:
+    """GLDv2 retrieval: ``mAP@100`` (Kaggle / DELF) and ``mP@k`` (relevant in the top k / k), in percent.
+
+    A repeated id takes a position but counts once (as DELF); ``-1`` and junk are removed first.
+    """
+    kappas = tuple(int(k) for k in kappas)
+    if any(k < 1 for k in kappas):
+        raise ValueError(f"kappas must be positive integers, got {kappas}")
+    out = [Metric("all", "mAP@100", map_at_k(ranks, gnd, 100))]
+    if kappas:
+        out += [
+            Metric("all", f"mP@{k}", float(v)) for k, v in zip(kappas, precision_at_k(ranks, gnd, kappas), strict=True)
+        ]
+    return out

@@ -211,7 +211,7 @@ def test_compute_map_matches_slow_loop(lookup: str, overlap: bool, k: int | None
 
 
 def test_registry() -> None:
-    assert PROTOCOLS.list() == ["classic", "map", "revisited", "ukbench"]
+    assert PROTOCOLS.list() == ["classic", "gldv2", "map", "revisited", "ukbench"]
     assert PROTOCOLS.get("revisited").info.keys == ("easy", "hard", "junk")
     assert PROTOCOLS.get("revisited").info.splits == ("easy", "medium", "hard")
     assert PROTOCOLS.get("classic").info.keys == ("ok", "junk")

@@ -20,11 +20,14 @@ class DatasetInfo:
         protocol: evaluation protocol name (``revisited``, ``classic``, ``ukbench``, ``map``).
         layout: where the files are expected, relative to the data root.
         description: one line for ``retrbench datasets``.
+        image_size: longer image side used when neither the user nor the run gives one; None
+            falls back to the backbone's default (1024 for most, as the literature uses).
     """
 
     protocol: str
     layout: str
     description: str
+    image_size: int | None = None
 
 
 # Factories take ``data_root: Path`` (plus keyword options) and return a RetrievalDataset.
