@@ -112,7 +112,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 def _cmd_models(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .backbones import BACKBONES, weights_available
+    from .backbones import BACKBONES, local_weights
 
     rows = []
     for e in BACKBONES:
@@ -126,7 +126,7 @@ def _cmd_models(a: argparse.Namespace) -> int:
                 "mean/std": f"{tuple(info.mean)} / {tuple(info.std)}",
                 "size": info.default_size,
                 "weights": info.weights_source,
-                "local": weights_available(e.name),
+                "weights here": "n/a" if not info.weights_file else ("yes" if local_weights(e.name) else "no"),
             }
         )
     print(pd.DataFrame(rows).to_markdown(index=False))

@@ -119,7 +119,7 @@ def run(config: RunConfig | None = None, *, results_dir: str | Path | None = Non
     t_start = time.perf_counter()
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.allow_missing)
     backbone = BACKBONES.create(cfg.model, weights=cfg.weights)
-    size = cfg.image_size or backbone.info.default_size
+    size = cfg.image_size or DATASETS.get(cfg.dataset).info.image_size or backbone.info.default_size
     feat_kw = dict(
         pooling=cfg.pooling,
         image_size=size,

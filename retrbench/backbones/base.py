@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..registry import Registry
 
-__all__ = ["BACKBONES", "BackboneInfo", "Backbone"]
+__all__ = ["BACKBONES", "BackboneInfo", "Backbone", "local_weights"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class BackboneInfo:
         sha256: published checksum of that file (None: unknown).
         licence: licence of the weights.
         card: path of the model card, relative to the repository's ``models/``.
+        find_local: returns a local copy of the weights shipped outside the cache (e.g. inside
+            an installed package), or None.
     """
 
     channels: int
@@ -40,6 +44,7 @@ class BackboneInfo:
     sha256: str | None = None
     licence: str = ""
     card: str = ""
+    find_local: Callable[[], Path | None] | None = field(default=None, compare=False, repr=False)
 
 
 class Backbone(nn.Module):
@@ -65,3 +70,22 @@ class Backbone(nn.Module):
 
 # Factories: ``factory(weights: str | Path | None = None, pretrained: bool = True) -> Backbone``.
 BACKBONES: Registry[Backbone] = Registry("backbone")
+
+
+def local_weights(name: str) -> Path | None:
+    """Where the weights of entry ``name`` are on this machine without downloading, or None.
+
+    Looks at the entry's own finder (weights shipped in a package) and the weights cache.
+    """
+    from .weights import default_cache_dir
+
+    info: BackboneInfo = BACKBONES.get(name).info
+    if info.find_local is not None:
+        found = info.find_local()
+        if found is not None:
+            return found
+    if info.weights_file:
+        cached = default_cache_dir() / info.weights_file
+        if cached.is_file():
+            return cached
+    return None

