@@ -1,0 +1,185 @@
+"""Descriptor post-processing: L2 normalisation and PCA-whitening.
+
+The literature's chain is L2 -> PCA-whiten -> L2 (Jegou & Chum 2012; cirtorch's
+``pcawhitenlearn`` / ``whitenapply``): :func:`postprocess` does all three; a
+:class:`PCAWhitening` on its own expects L2-normalised input (the first L2 is the caller's
+job) and L2-normalises its output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.exceptions import NotFittedError
+
+from .types import as_rows
+
+__all__ = ["l2_normalize", "PCAWhitening", "postprocess"]
+
+# Rows transformed per block, to bound the temporaries of (X - mean) @ P at database scale.
+_BLOCK_ROWS = 16384
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` divided by their L2 norm (``max(norm, eps)``; zero rows stay zero).
+
+    ``(N, D) -> (N, D)``, float32 / float64 kept (other floating types become float32); a new
+    array, ``x`` is not modified.
+    """
+    arr = np.asarray(x)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"l2_normalize: expected a 2-D floating (N, D) array, got {arr.dtype} {arr.shape}")
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float32)
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    return arr / np.maximum(norms, eps).astype(arr.dtype)
+
+
+class PCAWhitening:
+    """PCA-whitening learned on a set of descriptors, scikit-learn estimator style.
+
+    ``transform(X) = l2_normalize((X - mean_) @ projection_)``; before the final L2 the
+    training set has zero mean and identity covariance (``ddof=1``; cirtorch's ``/ N``
+    covariance differs by a global factor that the final L2 removes).
+
+    Dimension cap: ``n`` centred training vectors span at most ``n - 1`` directions, so at
+    most ``min(n - 1, D)`` components exist; components whose variance is at most
+    ``eps`` times the largest are numerically zero (whitening would blow rounding noise up)
+    and are dropped too. A requested ``dim`` above what is available is capped, with
+    ``capped_ = True`` and an explanation in ``note_``.
+
+    Args:
+        dim: output dimension; None keeps every available component.
+        eps: relative variance below which a component counts as absent.
+
+    Attributes (after ``fit``):
+        mean_: ``(D,)`` float64 training mean.
+        projection_: ``(D, d')`` float64, principal directions scaled by ``1 / sqrt(variance)``.
+        explained_variance_: ``(d',)`` variances of the kept components, largest first.
+        n_components_: ``d'``.
+        n_samples_, n_features_in_: training set size ``n`` and dimension ``D``.
+        capped_: whether ``dim`` was reduced to what the training set allows.
+        note_: why fewer components than requested (or than ``D``) were kept, else ``""``.
+    """
+
+    def __init__(self, dim: int | None = None, eps: float = 1e-10) -> None:
+        self.dim = dim
+        self.eps = eps
+
+    def fit(self, X: np.ndarray) -> PCAWhitening:
+        """Learn mean and whitening projection from the rows of ``X`` ``(n, D)``; returns self."""
+        arr = np.asarray(X)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"PCAWhitening: expected a 2-D floating (n, D) training set, got {arr.dtype} {arr.shape}")
+        x = arr.astype(np.float64)  # float64 for the covariance / SVD
+        n, d = x.shape
+        if self.dim is not None and (isinstance(self.dim, bool) or int(self.dim) != self.dim or self.dim < 1):
+            raise ValueError(f"PCAWhitening: dim must be a positive integer or None, got {self.dim!r}")
+        if n < 2:
+            raise ValueError(f"PCAWhitening: need at least 2 training vectors to learn a whitening, got {n}")
+        if not np.isfinite(x).all():
+            raise ValueError("PCAWhitening: the training set contains NaN or infinite values")
+        if np.ptp(x, axis=0).max() == 0:
+            raise ValueError(f"PCAWhitening: the {n} training vectors are all identical (no variance)")
+        # covariance_eigh (D x D covariance, then eigh) is exact and fastest when n >= D.
+        solver = "covariance_eigh" if n >= d else "full"
+        pca = PCA(n_components=min(n, d), whiten=True, svd_solver=solver).fit(x)
+        var = np.asarray(pca.explained_variance_, dtype=np.float64)
+        if var.size == 0 or var[0] <= 0:
+            raise ValueError(f"PCAWhitening: the {n} training vectors are all identical (no variance)")
+        rank = int(np.count_nonzero(var > self.eps * var[0]))
+        available = min(n - 1, d, rank)
+        keep = available if self.dim is None else min(int(self.dim), available)
+
+        reasons = []
+        if available == d:
+            reasons.append(f"the descriptors are {d}-dimensional")
+        else:
+            if n - 1 < d:
+                reasons.append(f"{n} centred training vectors span at most n - 1 = {n - 1} dimensions")
+            if rank < min(n - 1, d):
+                reasons.append(f"only {rank} components have variance above {self.eps:g} x the largest")
+        self.capped_ = self.dim is not None and int(self.dim) > available
+        if self.capped_:
+            self.note_ = f"whitening dim {self.dim} capped to {keep}: " + "; ".join(reasons)
+        elif self.dim is None and keep < d:
+            self.note_ = f"whitening keeps {keep} of {d} dims: " + "; ".join(reasons)
+        else:
+            self.note_ = ""
+
+        self.mean_ = np.asarray(pca.mean_, dtype=np.float64)
+        self.explained_variance_ = var[:keep].copy()
+        self.projection_ = np.asarray(pca.components_[:keep], dtype=np.float64).T / np.sqrt(self.explained_variance_)
+        self.n_components_ = keep
+        self.n_samples_ = n
+        self.n_features_in_ = d
+        return self
+
+    def transform(self, X: np.ndarray, normalize: bool = True) -> np.ndarray:
+        """Whiten the rows of ``X``: ``(N, D) -> (N, d')`` float32, L2-normalised unless ``normalize=False``.
+
+        Pure: the estimator is not modified.
+        """
+        if not hasattr(self, "projection_"):
+            raise NotFittedError("PCAWhitening is not fitted yet; call fit(X) first")
+        x = as_rows(X, "descriptors to whiten")
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"PCAWhitening: fitted on {self.n_features_in_}-d vectors, got shape {x.shape}")
+        proj = self.projection_.astype(np.float32)
+        mean = self.mean_.astype(np.float32)
+        out = np.empty((x.shape[0], self.n_components_), dtype=np.float32)
+        for s in range(0, x.shape[0], _BLOCK_ROWS):
+            out[s : s + _BLOCK_ROWS] = (x[s : s + _BLOCK_ROWS] - mean) @ proj
+        return l2_normalize(out) if normalize else out
+
+    def fit_transform(self, X: np.ndarray) -> np.ndarray:
+        """``fit(X).transform(X)``."""
+        return self.fit(X).transform(X)
+
+    def __repr__(self) -> str:
+        return f"PCAWhitening(dim={self.dim!r}, eps={self.eps!r})"
+
+
+def postprocess(
+    db: np.ndarray,
+    queries: np.ndarray,
+    whiten: int | None,
+    train: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """L2 -> (PCA-whiten -> L2) of database and query descriptors.
+
+    Args:
+        db: ``(N, D)`` database descriptors.
+        queries: ``(Q, D)`` query descriptors.
+        whiten: whitening output dimension; None keeps the L2-normalised descriptors
+            (their true dimension ``D``).
+        train: ``(n, D)`` descriptors to learn the whitening on (L2-normalised here like the
+            others); None learns it on the L2-normalised database.
+
+    Returns:
+        ``(db', queries', info)``: ``(N, d)`` and ``(Q, d)`` float32 unit rows, and ``info``
+        with ``requested_dim`` (``whiten``), ``dim`` (``d``, the dimension used), ``capped``
+        (bool), ``note`` (why ``d`` is smaller than requested, else ``""``) and
+        ``train_size`` (vectors the whitening was learned on, 0 without whitening).
+    """
+    d = l2_normalize(as_rows(db, "database descriptors"))
+    q = l2_normalize(as_rows(queries, "query descriptors"))
+    if d.shape[1] != q.shape[1]:
+        raise ValueError(f"postprocess: database {d.shape} and queries {q.shape} have different dimensions")
+    if whiten is None:
+        info = {"requested_dim": None, "dim": d.shape[1], "capped": False, "note": "", "train_size": 0}
+        return d, q, info
+    t = d if train is None else l2_normalize(as_rows(train, "whitening training descriptors"))
+    if t.shape[1] != d.shape[1]:
+        raise ValueError(f"postprocess: whitening training set {t.shape} and database {d.shape} differ in dimension")
+    pw = PCAWhitening(dim=whiten).fit(t)
+    info = {
+        "requested_dim": whiten,
+        "dim": pw.n_components_,
+        "capped": pw.capped_,
+        "note": pw.note_,
+        "train_size": pw.n_samples_,
+    }
+    return pw.transform(d), pw.transform(q), info
