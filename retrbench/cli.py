@@ -10,8 +10,8 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -26,6 +26,15 @@ def _whiten(text: str) -> int | None:
     if dim < 1:
         raise argparse.ArgumentTypeError(f"--whiten dimension must be positive, got {dim}")
     return dim
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise ValueError(f"--dataset-option expects KEY=VALUE, got {text!r}")
+    import yaml
+
+    return key.strip(), yaml.safe_load(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=d.batch_size)
     r.add_argument("--device", default=d.device, help="auto (GPU when present), cpu, cuda, cuda:1 ...")
     r.add_argument("--workers", type=int, default=d.workers, help="image decoding processes")
+    r.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE", help="dataset loader option, e.g. max_distractors=1000 (repeatable)")
+    r.add_argument("--topk", type=int, default=None, help="ranking length kept per query (default: full up to 100k images)")
     r.add_argument("--allow-missing", action="store_true", help="evaluate on the images present when the dataset is incomplete")
     r.add_argument("--format", choices=("markdown", "latex", "html", "csv"), default="markdown", help="table format printed")
     r.add_argument("--results-dir", default="results", help="append tidy rows to DIR/results.jsonl ('none' to skip)")
@@ -90,6 +101,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
         device=a.device,
         workers=a.workers,
         allow_missing=a.allow_missing,
+        dataset_options=tuple(_option(o) for o in a.dataset_option),
+        topk=a.topk,
     )
     results_dir = None if a.results_dir.lower() == "none" else a.results_dir
     res = run(cfg, results_dir=results_dir, progress=not a.no_progress and sys.stderr.isatty())

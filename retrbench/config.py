@@ -38,6 +38,10 @@ class RunConfig:
         device: ``auto`` (GPU when present), ``cpu``, ``cuda``, ``cuda:1`` ...
         workers: image-decoding worker processes (0 decodes in the main process).
         allow_missing: evaluate on the images present when a dataset is incomplete.
+        dataset_options: extra keyword options of the dataset loader as ``(key, value)`` pairs,
+            e.g. ``(("max_distractors", 1000),)`` or ``(("split", "public"),)``.
+        topk: length of the ranking kept per query; None keeps the full ranking for databases
+            up to 100,000 images and the top 1,000 beyond (100 for GLDv2's mAP@100).
     """
 
     model: str = "efficientnet_lite0"
@@ -54,6 +58,8 @@ class RunConfig:
     device: str = "auto"
     workers: int = 2
     allow_missing: bool = False
+    dataset_options: tuple[tuple[str, Any], ...] = ()
+    topk: int | None = None
 
     def __post_init__(self) -> None:
         if self.query_resize not in ("crop", "full"):
@@ -62,6 +68,9 @@ class RunConfig:
             raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}")
         if self.whiten is not None and self.whiten < 1:
             raise ValueError(f"whiten must be a positive dimension or None, got {self.whiten}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        object.__setattr__(self, "dataset_options", tuple((str(k), v) for k, v in dict(self.dataset_options).items()))
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -69,7 +78,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Build from a dict (e.g. parsed YAML); unknown keys are an error naming them."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
@@ -77,5 +86,5 @@ class RunConfig:
             raise ValueError(f"unknown RunConfig keys {unknown}; allowed: {sorted(names)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import __version__
 from .backbones import BACKBONES, Backbone
@@ -18,7 +19,7 @@ from .datasets import DATASETS, default_cache_root
 from .evaluation import evaluate
 from .extraction import CACHE_FORMAT, FeatureCache, ImageSpec, extract
 from .pooling import parse_pooling
-from .rerank import build_reranker, RankState
+from .rerank import RankState, build_reranker
 from .results import RunResult, append_results, tidy_rows
 from .search import search
 from .types import RetrievalDataset
@@ -29,19 +30,69 @@ __all__ = ["run", "load_dataset", "dataset_features"]
 log = logging.getLogger(__name__)
 
 
-def load_dataset(name: str, data_root: str | Path | None = None, allow_missing: bool = False) -> RetrievalDataset:
-    """Build the registered dataset ``name`` from ``data_root`` (default ``$RETRBENCH_DATA``)."""
-    kwargs: dict[str, Any] = {}
-    if data_root is not None:
-        kwargs["data_root"] = Path(data_root)
+def load_dataset(
+    name: str,
+    data_root: str | Path | None = None,
+    allow_missing: bool = False,
+    **options: Any,
+) -> RetrievalDataset:
+    """Build the registered dataset ``name`` (or ``folder:PATH``) from ``data_root``.
+
+    ``options`` are passed to the dataset's loader (e.g. ``max_distractors=1000``).
+    """
     if allow_missing:
-        kwargs["allow_missing"] = True
+        options["allow_missing"] = True
+    if name.startswith("folder:"):
+        from .datasets.folder import load_folder
+
+        return load_folder(name.split(":", 1)[1], **options)
+    if data_root is not None:
+        options["data_root"] = Path(data_root)
+    entry = DATASETS.get(name)
     try:
-        return DATASETS.create(name, **kwargs)
+        return entry.factory(**options)
     except TypeError as e:
-        if allow_missing:
-            raise ValueError(f"dataset {name!r} does not support allow_missing") from e
+        if "unexpected keyword" in str(e):
+            raise ValueError(f"dataset {entry.name!r} does not take the option(s) {sorted(options)}: {e}") from None
         raise
+
+
+def _dataset_image_size(name: str) -> int | None:
+    if name.startswith("folder:"):
+        return None
+    return DATASETS.get(name).info.image_size
+
+
+def _ranking_length(n_database: int, protocol: str, topk: int | None) -> int:
+    if topk is not None:
+        return min(topk, n_database)
+    if protocol == "gldv2":
+        return min(100, n_database)
+    return n_database if n_database <= 100_000 else 1000
+
+
+class _NativeDescriptor(torch.nn.Module):
+    """A backbone's own global descriptor ``(B, D)`` presented as a ``(B, D, 1, 1)`` map."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.native(x)[:, :, None, None]
+
+
+def _feature_stage(backbone: Backbone, pooling: str) -> tuple[torch.nn.Module, Any, str]:
+    """(network, pooling, cache spec) for ``pooling``; ``native`` uses the model's own head."""
+    if pooling.strip().lower() == "native":
+        if not callable(getattr(backbone, "native", None)):
+            raise ValueError(
+                f"model {backbone.name!r} has no native global descriptor (only models whose checkpoint "
+                "carries a learned pooling / head do); choose --pooling mac, spoc, gem or rmac"
+            )
+        return _NativeDescriptor(backbone), parse_pooling("mac"), "native"
+    pool = parse_pooling(pooling)
+    return backbone, pool, pool.spec
 
 
 def dataset_features(
@@ -62,25 +113,34 @@ def dataset_features(
     Both are cached under ``cache_dir`` (default ``$RETRBENCH_CACHE/features``) keyed by
     model, weights checksum, image size, pooling, dataset and the exact image / box lists.
     """
-    pool = parse_pooling(pooling)
+    net, pool, pool_spec = _feature_stage(backbone, pooling)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
     common = {
         "format": CACHE_FORMAT,
         "model": backbone.name,
         "weights_id": backbone.weights_id,
         "image_size": image_size,
-        "pooling": pool.spec,
+        "pooling": pool_spec,
         "dataset": ds.name,
     }
     root = Path(ds.root)
     db_specs = [ImageSpec(root / p, None, image_size) for p in ds.images]
-    q_specs = [ImageSpec(root / q.image, q.bbox, image_size, query_resize) for q in ds.queries]
+    # A whole-image query that is also a database image (UKBench, COIL-20, folder datasets)
+    # has exactly the database descriptor: reuse that row instead of extracting it again.
+    db_row = {p: i for i, p in enumerate(ds.images)}
+    reuse = {j: db_row[q.image] for j, q in enumerate(ds.queries) if q.bbox is None and q.image in db_row}
+    todo = [j for j in range(len(ds.queries)) if j not in reuse]
+    q_specs = [ImageSpec(root / ds.queries[j].image, ds.queries[j].bbox, image_size, query_resize) for j in todo]
     out = []
     info: dict[str, Any] = {"extract_s": 0.0, "cache_hits": 0}
     for role, specs, items in (
         ("database", db_specs, list(ds.images)),
-        ("queries", q_specs, [(q.image, q.bbox) for q in ds.queries]),
+        ("queries", q_specs, [(ds.queries[j].image, ds.queries[j].bbox) for j in todo]),
     ):
+        if not specs:
+            out.append(np.empty((0, 0), dtype=np.float32))
+            info["cache_hits"] += 1
+            continue
         meta = {**common, "role": role, "items": stable_hash(items, 32)}
         if role == "queries":
             meta["query_resize"] = query_resize
@@ -89,7 +149,7 @@ def dataset_features(
         hit = cache.path.exists()
         t0 = time.perf_counter()
         feats = extract(
-            backbone,
+            net,
             pool,
             specs,
             mean=backbone.info.mean,
@@ -104,7 +164,14 @@ def dataset_features(
         info["extract_s"] += time.perf_counter() - t0
         info["cache_hits"] += int(hit)
         out.append(feats)
-    return out[0], out[1], info
+    db = out[0]
+    queries = np.empty((len(ds.queries), db.shape[1]), dtype=np.float32)
+    if reuse:
+        queries[list(reuse)] = db[list(reuse.values())]
+    if todo:
+        queries[todo] = out[1]
+    info["queries_reused_from_database"] = len(reuse)
+    return db, queries, info
 
 
 def run(config: RunConfig | None = None, *, results_dir: str | Path | None = None, progress: bool = False, **overrides: Any) -> RunResult:
@@ -117,9 +184,9 @@ def run(config: RunConfig | None = None, *, results_dir: str | Path | None = Non
     """
     cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
     t_start = time.perf_counter()
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.allow_missing)
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.allow_missing, **dict(cfg.dataset_options))
     backbone = BACKBONES.create(cfg.model, weights=cfg.weights)
-    size = cfg.image_size or DATASETS.get(cfg.dataset).info.image_size or backbone.info.default_size
+    size = cfg.image_size or _dataset_image_size(cfg.dataset) or backbone.info.default_size
     feat_kw = dict(
         pooling=cfg.pooling,
         image_size=size,
@@ -140,7 +207,7 @@ def run(config: RunConfig | None = None, *, results_dir: str | Path | None = Non
     t_post = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = search(qw, dbw, k=dbw.shape[0])
+    result = search(qw, dbw, k=_ranking_length(dbw.shape[0], ds.protocol, cfg.topk))
     t_search = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = build_reranker(cfg.rerank)(RankState(qw, dbw, result)).result
@@ -153,6 +220,7 @@ def run(config: RunConfig | None = None, *, results_dir: str | Path | None = Non
         "dim": int(dbw.shape[1]),
         "n_database": len(ds.images),
         "n_queries": len(ds.queries),
+        "ranking_length": int(result.k),
         "whitening": winfo,
         "dataset_notes": dict(ds.notes),
         "retrbench_version": __version__,

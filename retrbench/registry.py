@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 

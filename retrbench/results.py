@@ -152,7 +152,7 @@ class RunResult:
         m = self.metrics
         sel = m[(m.metric == metric) & ((m.split == split) if split else True)]
         if len(sel) != 1:
-            raise KeyError(f"{len(sel)} rows match metric={metric!r} split={split!r}; have {sorted(set(zip(m.split, m.metric)))}")
+            raise KeyError(f"{len(sel)} rows match metric={metric!r} split={split!r}; have {sorted(set(zip(m.split, m.metric, strict=True)))}")
         return float(sel.value.iloc[0])
 
     def to_markdown(self, precision: int = 2) -> str:

@@ -6,9 +6,9 @@ are ``(Q, K)`` arrays, best first, with index ``-1`` (and score ``-inf``) where 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class Features:
     def __len__(self) -> int:
         return int(self.vectors.shape[0])
 
-    def with_vectors(self, vectors: np.ndarray) -> "Features":
+    def with_vectors(self, vectors: np.ndarray) -> Features:
         """Same ids, new ``(N, D')`` vectors."""
         return Features(vectors, self.ids)
 

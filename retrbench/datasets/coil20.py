@@ -84,7 +84,7 @@ def load_coil20(data_root: str | Path | None = None, *, allow_missing: bool = Fa
 @DATASETS.register(
     "coil20",
     aliases=("coil-20",),
-    info=DatasetInfo("map", "coil20/obj<o>__<v>.png (or coil-20-proc/)", "COIL-20: 20 objects x 72 views, mAP"),
+    info=DatasetInfo("map", "coil20/obj<o>__<v>.png (or coil-20-proc/)", "COIL-20: 20 objects x 72 views, mAP", image_size=128),  # native 128x128
 )
 def coil20(data_root: str | Path | None = None, *, allow_missing: bool = False) -> RetrievalDataset:
     """COIL-20: each of the 1440 views queries all images; other views of its object are positives."""

@@ -85,7 +85,7 @@ def load_ukbench(data_root: str | Path | None = None, *, allow_missing: bool = F
 
 @DATASETS.register(
     "ukbench",
-    info=DatasetInfo("ukbench", "ukbench/ukbench%05d.jpg (or ukbench/full/)", "UKBench: 4 views per object, N-S score"),
+    info=DatasetInfo("ukbench", "ukbench/ukbench%05d.jpg (or ukbench/full/)", "UKBench: 4 views per object, N-S score", image_size=640),  # native 640x480: no upscaling
 )
 def ukbench(data_root: str | Path | None = None, *, allow_missing: bool = False) -> RetrievalDataset:
     """UKBench: each image queries all images (itself included); N-S score over groups of 4."""
