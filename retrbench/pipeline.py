@@ -23,9 +23,9 @@ from .rerank import RankState, build_reranker
 from .results import RunResult, append_results, tidy_rows
 from .search import search
 from .types import RetrievalDataset
-from .whitening import postprocess
+from .whitening import l2_normalize, postprocess
 
-__all__ = ["run", "load_dataset", "dataset_features"]
+__all__ = ["run", "load_dataset", "dataset_features", "make_backbone"]
 
 log = logging.getLogger(__name__)
 
@@ -174,34 +174,89 @@ def dataset_features(
     return db, queries, info
 
 
-def run(config: RunConfig | None = None, *, results_dir: str | Path | None = None, progress: bool = False, **overrides: Any) -> RunResult:
+def _split_models(cfg: RunConfig) -> list[tuple[str, str | None]]:
+    """``model`` / ``weights`` specs as (name, weights) pairs; ``a+b`` is an ensemble."""
+    names = [m.strip() for m in cfg.model.split("+") if m.strip()]
+    if not names:
+        raise ValueError(f"model spec {cfg.model!r} names no model")
+    if cfg.weights is None:
+        return [(n, None) for n in names]
+    weights = cfg.weights.split("+") if len(names) > 1 else [cfg.weights]
+    if len(weights) != len(names):
+        raise ValueError(f"ensemble {cfg.model!r} has {len(names)} models but --weights gives {len(weights)} files (join them with '+')")
+    return list(zip(names, weights, strict=True))
+
+
+def make_backbone(name: str, weights: str | None = None) -> Backbone:
+    """A registry entry, or (when available) a ``timm:`` / ``hub:`` model."""
+    from . import backbones
+
+    create = getattr(backbones, "create_backbone", None)
+    if create is not None:
+        return create(name, weights=weights)
+    return BACKBONES.create(name, weights=weights)
+
+
+def run(
+    config: RunConfig | None = None,
+    *,
+    results_dir: str | Path | None = None,
+    progress: bool = False,
+    backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    **overrides: Any,
+) -> RunResult:
     """Run one benchmark and return its metrics.
 
     ``rb.run(model="efficientnet_lite0", dataset="demo", pooling="rmac", whiten=512)`` is the
     same as ``retrbench run --model ... --dataset ...``. Keyword overrides replace fields of
     ``config`` (default :class:`RunConfig`). With ``results_dir``, tidy rows are appended to
     ``<results_dir>/results.jsonl``.
+
+    A model spec ``a+b`` is an ensemble: each model's descriptors are L2-normalised and
+    concatenated, then post-processed together (PCA-whitening reduces the concatenation, as
+    the paper does). ``backbones`` is an optional memo of built models, shared across calls
+    (sweeps use it so that a model is loaded once).
     """
     cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
     t_start = time.perf_counter()
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.allow_missing, **dict(cfg.dataset_options))
-    backbone = BACKBONES.create(cfg.model, weights=cfg.weights)
-    size = cfg.image_size or _dataset_image_size(cfg.dataset) or backbone.info.default_size
-    feat_kw = dict(
-        pooling=cfg.pooling,
-        image_size=size,
-        query_resize=cfg.query_resize,
-        batch_size=cfg.batch_size,
-        device=cfg.device,
-        workers=cfg.workers,
-        progress=progress,
-    )
-    db, q, info = dataset_features(ds, backbone, **feat_kw)
+    options = dict(cfg.dataset_options)
+    allow_missing = bool(options.pop("allow_missing", False)) or cfg.allow_missing
+    ds = load_dataset(cfg.dataset, cfg.data_root, allow_missing, **options)
+    memo = backbones if backbones is not None else {}
+    parts_db, parts_q, parts_train, weight_ids, sizes = [], [], [], [], []
+    info: dict[str, Any] = {"extract_s": 0.0, "cache_hits": 0}
+    for name, weights in _split_models(cfg):
+        if (name, weights) not in memo:
+            memo[(name, weights)] = make_backbone(name, weights)
+        backbone = memo[(name, weights)]
+        size = cfg.image_size or _dataset_image_size(cfg.dataset) or backbone.info.default_size
+        feat_kw = dict(
+            pooling=cfg.pooling,
+            image_size=size,
+            query_resize=cfg.query_resize,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            workers=cfg.workers,
+            progress=progress,
+        )
+        db, q, finfo = dataset_features(ds, backbone, **feat_kw)
+        info["extract_s"] += finfo["extract_s"]
+        info["cache_hits"] += finfo["cache_hits"]
+        parts_db.append(db)
+        parts_q.append(q)
+        if cfg.whiten is not None and cfg.whiten_source and cfg.whiten_source != cfg.dataset:
+            src = load_dataset(cfg.whiten_source, cfg.data_root)
+            parts_train.append(dataset_features(src, backbone, **feat_kw)[0])
+        weight_ids.append(backbone.weights_id)
+        sizes.append(size)
+    if len(parts_db) == 1:
+        db, q = parts_db[0], parts_q[0]
+        train = parts_train[0] if parts_train else None
+    else:
+        db = np.hstack([l2_normalize(x) for x in parts_db])
+        q = np.hstack([l2_normalize(x) for x in parts_q])
+        train = np.hstack([l2_normalize(x) for x in parts_train]) if parts_train else None
 
-    train = None
-    if cfg.whiten is not None and cfg.whiten_source and cfg.whiten_source != cfg.dataset:
-        src = load_dataset(cfg.whiten_source, cfg.data_root)
-        train, _, _ = dataset_features(src, backbone, **feat_kw)
     t0 = time.perf_counter()
     dbw, qw, winfo = postprocess(db, q, cfg.whiten, train)
     t_post = time.perf_counter() - t0
@@ -215,8 +270,9 @@ def run(config: RunConfig | None = None, *, results_dir: str | Path | None = Non
 
     metrics = evaluate(result.indices, ds.gnd, ds.protocol)
     provenance = {
-        "weights_sha256": backbone.weights_id,
-        "image_size_used": size,
+        "config_id": stable_hash(cfg.to_dict()),
+        "weights_sha256": "+".join(weight_ids),
+        "image_size_used": sizes[0] if len(set(sizes)) == 1 else "+".join(map(str, sizes)),
         "dim": int(dbw.shape[1]),
         "n_database": len(ds.images),
         "n_queries": len(ds.queries),
