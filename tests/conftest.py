@@ -30,9 +30,12 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep every test's caches and data out of the user's home."""
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Keep every test's caches and data out of the user's home (session-wide, so that
+    module-scoped fixtures see the same roots as the tests)."""
     root = tmp_path_factory.getbasetemp() / "retrbench-cache"
-    monkeypatch.setenv("RETRBENCH_CACHE", str(root))
-    monkeypatch.setenv("RETRBENCH_DATA", str(root / "data"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETRBENCH_CACHE", str(root))
+        mp.setenv("RETRBENCH_DATA", str(root / "data"))
+        yield

@@ -1,0 +1,214 @@
+"""create_backbone: registry names, timm:NAME with a weights file, hub:DIR:ENTRY, and clear refusals."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from retrbench.backbones import create_backbone
+from retrbench.backbones.external import parse_hub_spec, read_weights
+from retrbench.backbones.weights import CheckpointError, sha256_file
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def resnet18_ref(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """A timm resnet18 with its own random weights (classifier included) saved as a state dict."""
+    torch.manual_seed(123)
+    ref = timm.create_model("resnet18", pretrained=False).eval()
+    path = tmp_path_factory.mktemp("timm") / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def _x(h: int = 64, w: int = 96) -> torch.Tensor:
+    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def test_timm_with_weights_file_equals_forward_features(resnet18_ref: tuple[torch.nn.Module, Path]) -> None:
+    ref, path = resnet18_ref
+    bb = create_backbone("timm:resnet18", weights=path)
+    assert bb.name == "timm:resnet18" and bb.weights_id == sha256_file(path)
+    assert bb.info.channels == 512 and bb.info.stride == 32
+    assert bb.info.mean == (0.485, 0.456, 0.406) and bb.info.default_size == 224
+    assert not bb.training and not any(p.requires_grad for p in bb.parameters())
+    x = _x()
+    with torch.no_grad():
+        y, want = bb(x), ref.forward_features(x)
+    assert y.shape == (2, 512, 2, 3)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "nested-module-prefix", "headless"])
+def test_timm_weight_file_layouts(tmp_path: Path, resnet18_ref: tuple[torch.nn.Module, Path], layout: str) -> None:
+    ref, _ = resnet18_ref
+    sd = ref.state_dict()
+    if layout == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    elif layout == "nested-module-prefix":  # a training checkpoint of an nn.DataParallel model
+        path = tmp_path / "w.pth.tar"
+        torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    else:  # saved from a num_classes=0 model: no fc.*
+        path = tmp_path / "w.pth"
+        torch.save({k: v for k, v in sd.items() if not k.startswith("fc.")}, path)
+    bb = create_backbone("timm:resnet18", weights=path)
+    x = _x(32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x), ref.forward_features(x), rtol=0, atol=0)
+
+
+def test_timm_wrong_weights_are_refused(tmp_path: Path, resnet18_ref: tuple[torch.nn.Module, Path]) -> None:
+    _, path = resnet18_ref
+    with pytest.raises(ValueError, match="missing from the checkpoint"):
+        create_backbone("timm:resnet34", weights=path)  # resnet18 weights lack layer*.2+
+    odd = tmp_path / "odd.pth"
+    torch.save({"epoch": 1, "weights": [1, 2]}, odd)
+    with pytest.raises(CheckpointError, match="no state dict found"):
+        read_weights(odd)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        read_weights(cut)
+
+
+def test_timm_random_init_is_seeded() -> None:
+    a = create_backbone("timm:resnet18", pretrained=False)
+    b = create_backbone("timm:resnet18", pretrained=False)
+    assert a.weights_id == "random-init"
+    torch.testing.assert_close(a.net.model.conv1.weight, b.net.model.conv1.weight, rtol=0, atol=0)
+
+
+def test_timm_download_failure_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = timm.create_model
+
+    def offline(name: str, pretrained: bool = False, **kw):  # what timm does without network access
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(RuntimeError, match=r"could not fetch the pretrained weights of 'resnet18'.*--weights PATH"):
+        create_backbone("timm:resnet18")
+
+
+def test_timm_unknown_name_suggests() -> None:
+    with pytest.raises(KeyError, match=r"unknown timm model 'resnet5O'.*did you mean 'timm:resnet50'"):
+        create_backbone("timm:resnet5O")
+
+
+HUBCONF = textwrap.dedent(
+    """
+    dependencies = ["torch", "torchvision"]
+
+    import torch
+    from torch import nn
+    from torchvision.models import resnet18
+
+
+    def tv_resnet18(weights=None):
+        '''torchvision style: weights=, no pretrained='''
+        assert weights is None, "no weights can be downloaded in the tests"
+        return resnet18(weights=None)
+
+
+    class WithFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv2d(3, 6, 3, stride=4, padding=1)
+            self.head = nn.Linear(6, 2)
+
+        def forward_features(self, x):
+            return torch.relu(self.body(x))
+
+        def forward(self, x):
+            return self.head(self.forward_features(x).mean((2, 3)))
+
+
+    def with_features(pretrained=False):
+        return WithFeatures()
+
+
+    def plain_map():
+        return nn.Sequential(nn.Conv2d(3, 5, 2, stride=2), nn.ReLU())
+
+
+    def logits_only(pretrained=False):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def hub_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("hubrepo") / "myrepo"
+    d.mkdir()
+    (d / "hubconf.py").write_text(HUBCONF)
+    return d
+
+
+def test_hub_local_torchvision_resnet_stops_before_avgpool(hub_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    ref = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "r18.pth"
+    torch.save(ref.state_dict(), path)
+    bb = create_backbone(f"hub:{hub_dir}:tv_resnet18", weights=path)
+    assert bb.name == "hub:myrepo:tv_resnet18" and bb.net.mode == "resnet"
+    assert bb.info.channels == 512 and bb.info.stride == 32 and bb.weights_id == sha256_file(path)
+    trunk = torch.nn.Sequential(*list(ref.children())[:-2])  # everything before avgpool and fc
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x), trunk(x), rtol=0, atol=0)
+
+
+def test_hub_local_forward_features_and_plain_map(hub_dir: Path) -> None:
+    bb = create_backbone(f"hub:{hub_dir}:with_features", pretrained=False)
+    assert bb.net.mode == "forward_features" and bb.info.channels == 6 and bb.info.stride == 4
+    assert bb.weights_id.startswith("random-init:hub:") and str(hub_dir) in bb.weights_id
+    x = _x(32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x), bb.net.net.forward_features(x))
+    plain = create_backbone(f"hub:{hub_dir}:plain_map")
+    assert plain.net.mode == "forward" and (plain.info.channels, plain.info.stride) == (5, 2)
+    with pytest.raises(ValueError, match=r"not a \(B, C, H, W\) map"):
+        create_backbone(f"hub:{hub_dir}:logits_only", pretrained=False)
+
+
+def test_hub_spec_parsing() -> None:
+    assert parse_hub_spec("pytorch/vision:v0.10.0:resnet50") == ("pytorch/vision:v0.10.0", "resnet50")
+    assert parse_hub_spec("/data/repo:net") == ("/data/repo", "net")
+    with pytest.raises(ValueError, match="expected hub:REPO:ENTRY"):
+        create_backbone("hub:resnet50")
+    with pytest.raises(FileNotFoundError, match="hub repository directory not found"):
+        create_backbone("hub:/no/such/dir:net")
+
+
+def test_registry_names_dispatch() -> None:
+    bb = create_backbone("chance")  # an alias of the registry's 'random' entry
+    assert bb.name == "random"
+
+
+def test_unknown_specs_and_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="unknown backbone 'efficientnet_lite'.*did you mean 'efficientnet_lite0'"):
+        create_backbone("efficientnet_lite")
+    with pytest.raises(ValueError, match="unknown model source 'tfhub'"):
+        create_backbone("tfhub:foo")
+    f = tmp_path / "mynet.pth"
+    torch.save({"w": torch.zeros(1)}, f)
+    for spec in (str(f), "weights/other.pt", "net.safetensors"):
+        with pytest.raises(ValueError, match=r"is a file: .*--model timm:resnet50 --weights"):
+            create_backbone(spec)
