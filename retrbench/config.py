@@ -37,6 +37,9 @@ class RunConfig:
         batch_size: images per forward pass (images of equal size are batched together).
         device: ``auto`` (GPU when present), ``cpu``, ``cuda``, ``cuda:1`` ...
         workers: image-decoding worker processes (0 decodes in the main process).
+        bn_recalibrate: before extraction, re-estimate BatchNorm statistics on this many
+            database images (training-mode forward passes, cumulative average), as the paper
+            does; 0 keeps the checkpoint's statistics.
         allow_missing: evaluate on the images present when a dataset is incomplete.
         dataset_options: extra keyword options of the dataset loader as ``(key, value)`` pairs,
             e.g. ``(("max_distractors", 1000),)`` or ``(("split", "public"),)``.
@@ -57,6 +60,7 @@ class RunConfig:
     batch_size: int = 8
     device: str = "auto"
     workers: int = 2
+    bn_recalibrate: int = 0
     allow_missing: bool = False
     dataset_options: tuple[tuple[str, Any], ...] = ()
     topk: int | None = None
@@ -71,6 +75,8 @@ class RunConfig:
         if self.topk is not None and self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         object.__setattr__(self, "dataset_options", tuple((str(k), v) for k, v in dict(self.dataset_options).items()))
+        if self.bn_recalibrate < 0:
+            raise ValueError(f"bn_recalibrate must be >= 0 images, got {self.bn_recalibrate}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 

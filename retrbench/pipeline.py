@@ -4,7 +4,9 @@ search -> rerank -> evaluation -> tidy results. The CLI and notebooks both call 
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ from .whitening import l2_normalize, postprocess
 __all__ = ["run", "load_dataset", "dataset_features", "make_backbone"]
 
 log = logging.getLogger(__name__)
+
+BN_SEED = 0  # seed of the image sample used for BatchNorm re-calibration
 
 
 def load_dataset(
@@ -105,24 +109,29 @@ def dataset_features(
     batch_size: int = 8,
     device: str = "auto",
     workers: int = 2,
+    bn_recalibrate: int = 0,
     cache_dir: Path | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Pooled (un-normalised) descriptors: database ``(N, C)``, queries ``(Q, C)``, and info.
 
     Both are cached under ``cache_dir`` (default ``$RETRBENCH_CACHE/features``) keyed by
-    model, weights checksum, image size, pooling, dataset and the exact image / box lists.
+    model, weights checksum, image size, pooling, BatchNorm re-calibration, dataset and the
+    exact image / box lists. With ``bn_recalibrate=N`` a copy of the backbone re-estimates
+    its BatchNorm statistics on N database images first (seeded sample; only when something
+    has to be extracted).
     """
-    net, pool, pool_spec = _feature_stage(backbone, pooling)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
     common = {
         "format": CACHE_FORMAT,
         "model": backbone.name,
         "weights_id": backbone.weights_id,
         "image_size": image_size,
-        "pooling": pool_spec,
+        "pooling": pooling if pooling.strip().lower() == "native" else parse_pooling(pooling).spec,
         "dataset": ds.name,
     }
+    if bn_recalibrate:
+        common["bn_recalibrate"] = {"n": int(bn_recalibrate), "seed": BN_SEED}
     root = Path(ds.root)
     db_specs = [ImageSpec(root / p, None, image_size) for p in ds.images]
     # A whole-image query that is also a database image (UKBench, COIL-20, folder datasets)
@@ -131,21 +140,34 @@ def dataset_features(
     reuse = {j: db_row[q.image] for j, q in enumerate(ds.queries) if q.bbox is None and q.image in db_row}
     todo = [j for j in range(len(ds.queries)) if j not in reuse]
     q_specs = [ImageSpec(root / ds.queries[j].image, ds.queries[j].bbox, image_size, query_resize) for j in todo]
-    out = []
-    info: dict[str, Any] = {"extract_s": 0.0, "cache_hits": 0}
+    folder = cache_dir / re.sub(r"[^A-Za-z0-9_.+-]", "_", ds.name) / re.sub(r"[^A-Za-z0-9_.+-]", "_", backbone.name)
+    jobs = []
     for role, specs, items in (
         ("database", db_specs, list(ds.images)),
         ("queries", q_specs, [(ds.queries[j].image, ds.queries[j].bbox) for j in todo]),
     ):
+        meta = {**common, "role": role, "items": stable_hash(items, 32)}
+        if role == "queries":
+            meta["query_resize"] = query_resize
+        jobs.append((role, specs, FeatureCache(folder, f"{role}-{stable_hash(meta, 24)}", meta)))
+
+    info: dict[str, Any] = {"extract_s": 0.0, "cache_hits": 0, "bn_recalibrate_s": 0.0}
+    if bn_recalibrate and any(specs and not cache.path.exists() for _, specs, cache in jobs):
+        from .backbones.bn import recalibrate_on_images, recalibration_specs
+
+        t0 = time.perf_counter()
+        backbone = copy.deepcopy(backbone)
+        recal = recalibration_specs(ds.images, bn_recalibrate, BN_SEED, size=image_size, root=root)
+        recalibrate_on_images(backbone, recal, backbone.info.mean, backbone.info.std, batch_size, device, workers=workers)
+        info["bn_recalibrate_s"] = time.perf_counter() - t0
+    net, pool, _ = _feature_stage(backbone, pooling)
+
+    out = []
+    for role, specs, cache in jobs:
         if not specs:
             out.append(np.empty((0, 0), dtype=np.float32))
             info["cache_hits"] += 1
             continue
-        meta = {**common, "role": role, "items": stable_hash(items, 32)}
-        if role == "queries":
-            meta["query_resize"] = query_resize
-        key = stable_hash(meta, 24)
-        cache = FeatureCache(cache_dir / ds.name / backbone.name, f"{role}-{key}", meta)
         hit = cache.path.exists()
         t0 = time.perf_counter()
         feats = extract(
@@ -237,6 +259,7 @@ def run(
             batch_size=cfg.batch_size,
             device=cfg.device,
             workers=cfg.workers,
+            bn_recalibrate=cfg.bn_recalibrate,
             progress=progress,
         )
         db, q, finfo = dataset_features(ds, backbone, **feat_kw)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import retrbench as rb
 from retrbench.results import load_results
@@ -42,3 +43,54 @@ def test_rerank_runs_from_the_cache(lite0_gem):
     assert res.info["cache_hits"] == 2
     assert res.rows[0]["rerank"] == "dba+aqe"
     np.testing.assert_array_less(0, res.metrics.value.to_numpy() + 1e-9)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A folder dataset: 3 objects x 2 photos, each first photo queries its pair."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    lines = ["query,positive"]
+    for o in range(3):
+        base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+        for v in range(2):
+            img = np.clip(base.astype(int) + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / f"o{o}_v{v}.png")
+        lines.append(f"o{o}_v0.png,o{o}_v1.png")
+    (tmp_path / "groundtruth.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_ensemble_concatenates_and_whitens(tiny_folder):
+    single = rb.run(model="random", dataset=f"folder:{tiny_folder}", whiten=None, workers=0)
+    both = rb.run(model="random+random", dataset=f"folder:{tiny_folder}", whiten=None, workers=0)
+    assert single.rows[0]["dim"] == 512 and both.rows[0]["dim"] == 1024
+    assert both.rows[0]["weights_sha256"] == "random-descriptors+random-descriptors"
+    with pytest.raises(ValueError, match="2 models but --weights gives 1"):
+        rb.run(model="random+random", weights="a.pth", dataset=f"folder:{tiny_folder}", workers=0)
+
+
+def test_bn_recalibration_uses_a_copy_and_its_own_cache(tiny_folder):
+    from retrbench.backbones import BACKBONES
+    from retrbench.pipeline import dataset_features
+
+    ds = rb.load_dataset(f"folder:{tiny_folder}")
+    backbone = BACKBONES.create("efficientnet_lite0")
+    before = {k: v.clone() for k, v in backbone.state_dict().items() if "running" in k}
+    kw = dict(pooling="gem", image_size=64, workers=0, device="cpu")
+    plain, _, _ = dataset_features(ds, backbone, **kw)
+    recal, _, info = dataset_features(ds, backbone, bn_recalibrate=4, **kw)
+    assert info["cache_hits"] == 0 and info["bn_recalibrate_s"] > 0  # not served from the plain cache
+    assert not np.allclose(plain, recal)
+    for k, v in backbone.state_dict().items():  # the caller's model keeps its statistics
+        if k in before:
+            assert torch.equal(v, before[k]), k
+    again, _, info = dataset_features(ds, backbone, bn_recalibrate=4, **kw)
+    assert info["cache_hits"] == 2 and info["bn_recalibrate_s"] == 0
+    np.testing.assert_array_equal(again, recal)
+
+
+def test_native_pooling_needs_a_model_with_a_head(tiny_folder):
+    with pytest.raises(ValueError, match="no native global descriptor"):
+        rb.run(model="random", dataset=f"folder:{tiny_folder}", pooling="native", workers=0)
