@@ -11,8 +11,10 @@ from .backbones import BACKBONES  # noqa: E402
 from .config import RunConfig  # noqa: E402
 from .datasets import DATASETS  # noqa: E402
 from .evaluation import PROTOCOLS, evaluate  # noqa: E402
+from .experiments import load_experiment, sweep  # noqa: E402
 from .pipeline import load_dataset, run  # noqa: E402
 from .pooling import POOLINGS  # noqa: E402
+from .reporting import paper_table, plot, table  # noqa: E402
 from .rerank import RERANKERS  # noqa: E402
 from .results import RunResult, load_results  # noqa: E402
 from .types import Features, Metric, Query, RetrievalDataset, SearchResult  # noqa: E402
@@ -32,6 +34,11 @@ __all__ = [
     "SearchResult",
     "evaluate",
     "load_dataset",
+    "load_experiment",
+    "paper_table",
+    "plot",
+    "sweep",
+    "table",
     "load_results",
     "run",
 ]

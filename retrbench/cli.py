@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results-dir", default="results", help="append tidy rows to DIR/results.jsonl ('none' to skip)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    from .reporting_cli import add_subcommands
+
+    add_subcommands(sub)
+
     sub.add_parser("models", help="list the backbone registry")
     ds = sub.add_parser("datasets", help="list the known datasets and where they are expected")
     ds.add_argument("--data-root", default=None)
@@ -195,7 +199,9 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
-    cmd = {"run": _cmd_run, "models": _cmd_models, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate}[args.command]
+    from .reporting_cli import COMMANDS
+
+    cmd = {"run": _cmd_run, "models": _cmd_models, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate, **COMMANDS}[args.command]
     try:
         return cmd(args)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:

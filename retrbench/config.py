@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["RunConfig", "stable_hash"]
+__all__ = ["RunConfig", "config_id", "stable_hash"]
 
 
 def stable_hash(obj: Any, n: int = 16) -> str:
@@ -94,3 +94,10 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def config_id(cfg: RunConfig) -> str:
+    """Identity of a configuration for results: the hash of its non-default fields only, so
+    that adding a field with a default to :class:`RunConfig` keeps earlier ids valid."""
+    default = RunConfig().to_dict()
+    return stable_hash({k: v for k, v in cfg.to_dict().items() if v != default[k]})

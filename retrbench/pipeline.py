@@ -8,6 +8,7 @@ import copy
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from . import __version__
 from .backbones import BACKBONES, Backbone
-from .config import RunConfig, stable_hash
+from .config import RunConfig, config_id, stable_hash
 from .datasets import DATASETS, default_cache_root
 from .evaluation import evaluate
 from .extraction import CACHE_FORMAT, FeatureCache, ImageSpec, extract
@@ -225,6 +226,7 @@ def run(
     results_dir: str | Path | None = None,
     progress: bool = False,
     backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    postprocess_fn: Callable[..., tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
     **overrides: Any,
 ) -> RunResult:
     """Run one benchmark and return its metrics.
@@ -237,7 +239,8 @@ def run(
     A model spec ``a+b`` is an ensemble: each model's descriptors are L2-normalised and
     concatenated, then post-processed together (PCA-whitening reduces the concatenation, as
     the paper does). ``backbones`` is an optional memo of built models, shared across calls
-    (sweeps use it so that a model is loaded once).
+    (sweeps use it so that a model is loaded once). ``postprocess_fn`` replaces
+    :func:`~retrbench.whitening.postprocess` (sweeps pass a memo that fits each PCA once).
     """
     cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
     t_start = time.perf_counter()
@@ -281,7 +284,7 @@ def run(
         train = np.hstack([l2_normalize(x) for x in parts_train]) if parts_train else None
 
     t0 = time.perf_counter()
-    dbw, qw, winfo = postprocess(db, q, cfg.whiten, train)
+    dbw, qw, winfo = (postprocess_fn or postprocess)(db, q, cfg.whiten, train)
     t_post = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -293,7 +296,7 @@ def run(
 
     metrics = evaluate(result.indices, ds.gnd, ds.protocol)
     provenance = {
-        "config_id": stable_hash(cfg.to_dict()),
+        "config_id": config_id(cfg),
         "weights_sha256": "+".join(weight_ids),
         "image_size_used": sizes[0] if len(set(sizes)) == 1 else "+".join(map(str, sizes)),
         "dim": int(dbw.shape[1]),

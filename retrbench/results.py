@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from .config import RunConfig
 from .types import Metric
 
 __all__ = ["RunResult", "tidy_rows", "append_results", "load_results", "wide_table", "render"]
+
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 TABLE_INDEX = ("model", "pooling", "whiten", "rerank")
@@ -48,6 +51,13 @@ def append_results(rows: Iterable[dict[str, Any]], results_dir: str | Path) -> P
     path = Path(results_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+    # A write cut short (process killed) leaves a line without its newline: start a new line
+    # so that the rows appended now stay readable.
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                blob = "\n" + blob
     with open(path, "a", encoding="utf-8") as f:
         f.write(blob)
         f.flush()
@@ -55,8 +65,12 @@ def append_results(rows: Iterable[dict[str, Any]], results_dir: str | Path) -> P
     return path
 
 
-def load_results(path: str | Path) -> pd.DataFrame:
-    """Read a results file (or a results directory) into a DataFrame, one row per metric."""
+def load_results(path: str | Path, *, skip_invalid: bool = False) -> pd.DataFrame:
+    """Read a results file (or a results directory) into a DataFrame, one row per metric.
+
+    A line that is not a JSON object raises ``ValueError`` naming the file and line, unless
+    ``skip_invalid`` (then it is skipped with a warning: e.g. a row cut short by a kill).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS_FILE
@@ -69,9 +83,15 @@ def load_results(path: str | Path) -> pd.DataFrame:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise json.JSONDecodeError("not a JSON object", line, 0)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON results row ({e})") from e
+                if not skip_invalid:
+                    raise ValueError(f"{path}:{n}: not a JSON results row ({e})") from e
+                log.warning("%s:%d: skipped, not a JSON results row (%s)", path, n, e)
+                continue
+            rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,501 @@
+"""Experiment files and sweeps: every cell of models x datasets x poolings x whitening x rerank.
+
+An experiment file (YAML, see ``benchmarks/*.yaml``) names the grid and the fixed settings::
+
+    name: table1
+    results_dir: results/table1        # default results/<name>; relative to the working directory
+    models: [resnet50, simclr2x, simclr2x+simclr4x, {model: gem_ap_r101, pooling: gem}]
+    datasets: [oxford5k, paris6k, instre]
+    poolings: [rmac]
+    whiten: [512]                      # PCA-whitening dimensions; none (or null) = the true dimension
+    rerank: [none, aqe, dba+aqe]
+    fixed:                             # any other RunConfig field, the same for every cell
+      image_size: null
+      whiten_source: null
+
+A model entry may be a mapping: ``model`` plus per-model settings (any RunConfig field); a
+setting that is one of the grid axes (``pooling``, ``whiten``, ``rerank``, ``dataset``) replaces
+that axis for this model (a scalar or a list). Unknown keys are errors, so a typo fails at once
+instead of after hours of extraction; ``fixed`` accepts only fields that :class:`RunConfig` has.
+
+:func:`sweep` runs each cell through :func:`retrbench.pipeline.run` with one backbone memo,
+so a model is loaded once and each (model, dataset, image size, pooling) is extracted once
+(the feature cache serves every other cell of it). Rows are appended to
+``<results_dir>/results.jsonl`` after each cell; cells whose ``config_id`` is already there are
+skipped, so a finished sweep re-runs in seconds and an interrupted one resumes where it stopped.
+
+PCA-whitening dimensions are nested: whitening to ``d`` keeps the first ``d`` whitened components.
+:class:`WhiteningMemo` (a drop-in for :func:`retrbench.whitening.postprocess`) fits the PCA once
+per training set and truncates it for each dimension, and hands the same arrays to every rerank
+variant of a cell, so the rerankers' database-side cache (kNN graphs, DBA) is shared too. The
+sweep passes it to ``pipeline.run`` as ``postprocess_fn``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .config import RunConfig, config_id
+from .whitening import PCAWhitening, l2_normalize, postprocess
+
+__all__ = ["Experiment", "ModelEntry", "WhiteningMemo", "config_id", "load_experiment", "plan", "sweep"]
+
+log = logging.getLogger(__name__)
+
+AXES = ("dataset", "pooling", "whiten", "rerank")
+# experiment-file key -> RunConfig field
+_GRID_KEYS = {"models": "model", "datasets": "dataset", "poolings": "pooling", "whiten": "whiten", "rerank": "rerank"}
+_TOP_KEYS = ("name", "description", "results_dir", "fixed", *_GRID_KEYS)
+_TRUE_DIM = ("none", "null", "true", "true_dim", "true dim", "off", "no")
+
+
+
+def _config_fields() -> set[str]:
+    return {f.name for f in fields(RunConfig)}
+
+
+def _unknown(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
+    allowed = list(allowed)
+    bad = [k for k in keys if k not in allowed]
+    if bad:
+        hints = []
+        for k in bad:
+            close = difflib.get_close_matches(str(k), allowed, n=2)
+            hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; allowed: {', '.join(allowed)}")
+
+
+def _whiten_value(v: Any) -> int | None:
+    if v is None or (isinstance(v, str) and v.strip().lower() in _TRUE_DIM):
+        return None
+    if isinstance(v, bool):
+        raise ValueError(f"whiten: expected a dimension or none, got {v!r}")
+    try:
+        d = int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"whiten: expected a dimension or none, got {v!r}") from None
+    if d != v and str(d) != str(v).strip():
+        raise ValueError(f"whiten: expected an integer dimension, got {v!r}")
+    if d < 1:
+        raise ValueError(f"whiten: dimensions must be positive, got {d}")
+    return d
+
+
+def _axis(key: str, value: Any) -> tuple[Any, ...]:
+    """A grid axis as a tuple (a scalar is a one-value axis)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError(f"experiment: {key!r} is empty")
+    if key == "whiten":
+        return tuple(_whiten_value(v) for v in values)
+    if key == "rerank":
+        return tuple("none" if v is None else str(v).strip() for v in values)
+    for v in values:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"experiment: {key!r} entries must be non-empty strings, got {v!r}")
+    return tuple(v.strip() for v in values)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the grid: a model spec (``a+b`` for an ensemble) and its own settings.
+
+    ``overrides`` are ``(field, value)`` pairs; a grid-axis field (``pooling``, ``whiten``,
+    ``rerank``, ``dataset``) carries a tuple of values replacing that axis for this model.
+    """
+
+    model: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, item: Any) -> ModelEntry:
+        if isinstance(item, str):
+            return cls(_axis("models", item)[0])
+        if not isinstance(item, Mapping) or "model" not in item:
+            raise ValueError(f"experiment: a model entry is a name or a mapping with a 'model' key, got {item!r}")
+        rest = {k: v for k, v in item.items() if k != "model"}
+        _unknown(rest, sorted(_config_fields() - {"model"}), f"model entry {item['model']!r}")
+        over = []
+        for k, v in rest.items():
+            over.append((k, _axis(k, v) if k in AXES else v))
+        return cls(_axis("models", item["model"])[0], tuple(over))
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A parsed experiment file: the grid, the fixed settings and where results go."""
+
+    name: str
+    models: tuple[ModelEntry, ...]
+    datasets: tuple[str, ...]
+    poolings: tuple[str, ...] = ("rmac",)
+    whiten: tuple[int | None, ...] = (512,)
+    rerank: tuple[str, ...] = ("none",)
+    fixed: tuple[tuple[str, Any], ...] = ()
+    results_dir: str | None = None
+    description: str = ""
+    source: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str | None = None) -> Experiment:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"experiment{f' {source}' if source else ''}: expected a mapping, got {type(d).__name__}")
+        where = f"experiment {source}" if source else "experiment"
+        _unknown(d, _TOP_KEYS, where)
+        for key in ("models", "datasets"):
+            if key not in d:
+                raise ValueError(f"{where}: {key!r} is required")
+        fixed = dict(d.get("fixed") or {})
+        cfg_fields = _config_fields()
+        grid_fields = set(_GRID_KEYS.values())
+        in_grid = sorted(set(fixed) & grid_fields)
+        if in_grid:
+            raise ValueError(f"{where}: {in_grid} are grid axes; list them at the top level ({', '.join(_GRID_KEYS)}), not under 'fixed'")
+        missing = sorted(set(fixed) - cfg_fields)
+        if missing:
+            raise ValueError(
+                f"{where}: fixed setting(s) {missing} are not RunConfig fields in this retrbench version; "
+                f"known: {sorted(cfg_fields - grid_fields)}"
+            )
+        if "dataset_options" in fixed and isinstance(fixed["dataset_options"], Mapping):
+            fixed["dataset_options"] = tuple(fixed["dataset_options"].items())
+        models = d["models"] if isinstance(d["models"], (list, tuple)) else [d["models"]]
+        if not models:
+            raise ValueError(f"{where}: 'models' is empty")
+        name = str(d.get("name") or (Path(source).stem if source else "experiment"))
+        kw: dict[str, Any] = {}
+        for key in ("poolings", "whiten", "rerank"):
+            if key in d:
+                kw[key] = _axis(key, d[key])
+        exp = cls(
+            name=name,
+            models=tuple(ModelEntry.parse(m) for m in models),
+            datasets=_axis("datasets", d["datasets"]),
+            fixed=tuple(fixed.items()),
+            results_dir=None if d.get("results_dir") is None else str(d["results_dir"]),
+            description=str(d.get("description") or ""),
+            source=source,
+            **kw,
+        )
+        exp.cells()  # every cell must be a valid RunConfig
+        return exp
+
+    def cells(self) -> list[RunConfig]:
+        """Every cell as a RunConfig, model-major, then dataset, pooling, whitening, rerank.
+
+        Duplicates (a value listed twice) are dropped, keeping the first.
+        """
+        out: dict[str, RunConfig] = {}
+        base = dict(self.fixed)
+        for m in self.models:
+            over = dict(m.overrides)
+            axes = {"dataset": self.datasets, "pooling": self.poolings, "whiten": self.whiten, "rerank": self.rerank}
+            axes.update({k: v for k, v in over.items() if k in AXES})
+            settings = {**base, **{k: v for k, v in over.items() if k not in AXES}}
+            for dataset, pooling, whiten, rerank in itertools.product(*(axes[a] for a in AXES)):
+                try:
+                    cfg = RunConfig(**settings, model=m.model, dataset=dataset, pooling=pooling, whiten=whiten, rerank=rerank)
+                except TypeError as e:
+                    raise ValueError(f"experiment {self.name!r}: {e}") from None
+                out.setdefault(config_id(cfg), cfg)
+        return list(out.values())
+
+    def default_results_dir(self) -> Path:
+        return Path(self.results_dir) if self.results_dir else Path("results") / self.name
+
+
+def load_experiment(source: str | Path | Mapping[str, Any] | Experiment) -> Experiment:
+    """An :class:`Experiment` from a YAML file, a dict (parsed YAML) or an Experiment."""
+    if isinstance(source, Experiment):
+        return source
+    if isinstance(source, Mapping):
+        return Experiment.from_dict(source)
+    import yaml
+
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no experiment file at {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    return Experiment.from_dict(data, source=str(path))
+
+
+# ---------------------------------------------------------------------------------- validation
+
+
+def _validate(cells: list[RunConfig]) -> None:
+    """Fail before any work on names that cannot be built (unknown model, dataset, pooling, rerank)."""
+    from .backbones import BACKBONES
+    from .datasets import DATASETS
+    from .pooling import parse_pooling
+    from .rerank import build_reranker
+
+    for spec in sorted({c.rerank for c in cells}):
+        build_reranker(spec)
+    for spec in sorted({c.pooling for c in cells}):
+        if spec.strip().lower() != "native":
+            parse_pooling(spec)
+    for name in sorted({c.dataset for c in cells}):
+        if not name.startswith("folder:"):
+            DATASETS.get(name)
+    for spec in sorted({c.model for c in cells}):
+        for part in spec.split("+"):
+            part = part.strip()
+            # timm:/hub: specs and checkpoint files are resolved when built
+            if part and ":" not in part and "/" not in part and not part.endswith((".pt", ".pth", ".ckpt")):
+                BACKBONES.get(part)
+
+
+# ------------------------------------------------------------------------------ whitening memo
+
+
+def _digest(a: np.ndarray) -> str:
+    arr = np.ascontiguousarray(a)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+@dataclass
+class _Fit:
+    """A PCA-whitening fitted with every available component (``dim=None``)."""
+
+    full: PCAWhitening
+    train_size: int
+
+    def truncated(self, dim: int) -> PCAWhitening:
+        """The whitening :class:`PCAWhitening` ``(dim=dim).fit`` would give on the same data.
+
+        Components are nested (``fit`` always computes all of them and keeps the first
+        ``dim``), so this is the same projection without a new eigendecomposition; the cap and
+        its note follow ``PCAWhitening.fit`` (tests check both against a direct fit).
+        """
+        f = self.full
+        n, d, available = f.n_samples_, f.n_features_in_, f.n_components_
+        keep = min(int(dim), available)
+        if available == d:
+            reasons = [f"the descriptors are {d}-dimensional"]
+        else:
+            reasons = []
+            if n - 1 < d:
+                reasons.append(f"{n} centred training vectors span at most n - 1 = {n - 1} dimensions")
+            if available < min(n - 1, d):
+                reasons.append(f"only {available} components have variance above {f.eps:g} x the largest")
+        pw = PCAWhitening(dim=dim, eps=f.eps)
+        pw.mean_ = f.mean_
+        pw.explained_variance_ = f.explained_variance_[:keep]
+        pw.projection_ = f.projection_[:, :keep]
+        pw.n_components_ = keep
+        pw.n_samples_ = n
+        pw.n_features_in_ = d
+        pw.capped_ = int(dim) > available
+        pw.note_ = f"whitening dim {dim} capped to {keep}: " + "; ".join(reasons) if pw.capped_ else ""
+        return pw
+
+
+class WhiteningMemo:
+    """:func:`retrbench.whitening.postprocess` that fits the PCA once per training set.
+
+    Same call and results as ``postprocess(db, queries, whiten, train)``. The full PCA of a
+    training set (the L2-normalised database, or ``train``) is kept and truncated for each
+    requested dimension; a repeated call with the same arrays (by content) and dimension
+    returns the same (read-only) output arrays, so rerankers' database caches, keyed by array
+    identity, are reused across rerank variants.
+
+    Args:
+        max_fits: fitted training sets kept (least recently used dropped).
+        max_results: post-processed (database, queries) pairs kept.
+
+    Attributes:
+        fits: PCA fits computed; ``hits``: calls answered from memory.
+    """
+
+    def __init__(self, max_fits: int = 2, max_results: int = 4) -> None:
+        self.max_fits = max_fits
+        self.max_results = max_results
+        self._fits: OrderedDict[str, _Fit] = OrderedDict()
+        self._results: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, dict[str, Any]]] = OrderedDict()
+        self.fits = 0
+        self.hits = 0
+
+    def _remember(self, store: OrderedDict, key: Any, value: Any, limit: int) -> None:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > limit:
+            store.popitem(last=False)
+
+    def __call__(
+        self,
+        db: np.ndarray,
+        queries: np.ndarray,
+        whiten: int | None,
+        train: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        kdb, kq = _digest(db), _digest(queries)
+        ktrain = None if train is None else _digest(train)
+        key = (kdb, kq, ktrain, whiten)
+        if key in self._results:
+            self.hits += 1
+            self._results.move_to_end(key)
+            d, q, info = self._results[key]
+            return d, q, dict(info)
+        if whiten is None:
+            d, q, info = postprocess(db, queries, None)
+        else:
+            fkey = kdb if train is None else ktrain
+            fkey = f"{'db' if train is None else 'train'}:{fkey}"
+            if fkey not in self._fits:
+                t = l2_normalize(np.asarray(db if train is None else train))
+                self._remember(self._fits, fkey, _Fit(PCAWhitening(dim=None).fit(t), t.shape[0]), self.max_fits)
+                self.fits += 1
+            else:
+                self._fits.move_to_end(fkey)
+            fit = self._fits[fkey]
+            d0, q0 = l2_normalize(np.asarray(db)), l2_normalize(np.asarray(queries))
+            if d0.shape[1] != q0.shape[1] or d0.shape[1] != fit.full.n_features_in_:
+                # let postprocess raise its own message
+                return postprocess(db, queries, whiten, train)
+            pw = fit.truncated(whiten)
+            d, q = pw.transform(d0), pw.transform(q0)
+            info = {"requested_dim": whiten, "dim": pw.n_components_, "capped": pw.capped_, "note": pw.note_, "train_size": fit.train_size}
+        for a in (d, q):
+            a.flags.writeable = False
+        self._remember(self._results, key, (d, q, info), self.max_results)
+        return d, q, dict(info)
+
+
+# ----------------------------------------------------------------------------------------- sweep
+
+
+def _finished_ids(results_dir: Path) -> set[str]:
+    from .results import RESULTS_FILE, load_results
+
+    if not (results_dir / RESULTS_FILE).exists():
+        return set()
+    df = load_results(results_dir, skip_invalid=True)
+    if "config_id" not in df.columns:
+        return set()
+    return set(df["config_id"].dropna().astype(str))
+
+
+def _cell_label(cfg: RunConfig) -> str:
+    w = "true dim" if cfg.whiten is None else f"whiten {cfg.whiten}"
+    return f"{cfg.model} / {cfg.dataset} / {cfg.pooling} / {w} / rerank {cfg.rerank}"
+
+
+def plan(experiment: str | Path | Mapping[str, Any] | Experiment, *, results_dir: str | Path | None = None) -> pd.DataFrame:
+    """The cells of an experiment, one row each: model, dataset, pooling, whiten, rerank, config_id, done."""
+    exp = load_experiment(experiment)
+    out = Path(results_dir) if results_dir is not None else exp.default_results_dir()
+    done = _finished_ids(out)
+    rows = []
+    for c in exp.cells():
+        cid = config_id(c)
+        rows.append({"model": c.model, "dataset": c.dataset, "pooling": c.pooling, "whiten": c.whiten, "rerank": c.rerank, "config_id": cid, "done": cid in done})
+    return pd.DataFrame(rows)
+
+
+def sweep(
+    experiment: str | Path | Mapping[str, Any] | Experiment,
+    *,
+    results_dir: str | Path | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Run every cell of an experiment not yet in the results; return the experiment's rows.
+
+    Args:
+        experiment: an experiment file (YAML), its parsed dict, or an :class:`Experiment`.
+        results_dir: where ``results.jsonl`` lives; default the file's ``results_dir``, else
+            ``results/<name>`` (relative to the working directory).
+        progress: show progress bars (cells and extraction).
+
+    Returns:
+        The tidy rows (one per cell and metric, see :func:`retrbench.results.load_results`) of
+        every cell of the experiment, in cell order. ``df.attrs["sweep"]`` holds ``cells``,
+        ``skipped`` (already done), ``ran``, ``seconds``, ``results_dir`` and ``notes``
+        (whitening caps and other notes met on the way).
+
+    An exception inside a cell propagates (with a note saying how to resume); the cells
+    finished before it are already saved, so calling ``sweep`` again continues from there.
+    """
+    from tqdm.auto import tqdm
+
+    from . import pipeline
+    from .results import load_results
+
+    t0 = time.perf_counter()
+    exp = load_experiment(experiment)
+    cells = exp.cells()
+    _validate(cells)
+    out = Path(results_dir) if results_dir is not None else exp.default_results_dir()
+    done = _finished_ids(out)
+    todo = [c for c in cells if config_id(c) not in done]
+    log.info("sweep %s: %d cells, %d already in %s, %d to run", exp.name, len(cells), len(cells) - len(todo), out, len(todo))
+
+    memo: dict[Any, Any] = {}
+    extra: dict[str, Any] = {"postprocess_fn": WhiteningMemo()}
+    notes: list[str] = []
+    ran = 0
+    for cfg in tqdm(todo, desc=f"sweep {exp.name}", unit="cell", disable=not progress):
+        try:
+            res = pipeline.run(cfg, results_dir=out, progress=progress, backbones=memo, **extra)
+        except Exception as e:
+            if hasattr(e, "add_note"):
+                e.add_note(
+                    f"retrbench sweep {exp.name!r}: failed in cell {_cell_label(cfg)}; the {len(cells) - len(todo) + ran} "
+                    f"cells finished before it are saved in {out}; run the sweep again to resume from here"
+                )
+            log.error("sweep %s: cell %s failed: %s", exp.name, _cell_label(cfg), e)
+            raise
+        ran += 1
+        note = res.info.get("whitening", {}).get("note")
+        if note:
+            note = f"{cfg.model} on {cfg.dataset} ({cfg.pooling}): {note}"
+            if note not in notes:
+                notes.append(note)
+                log.warning("%s", note)
+        log.info("cell %s: %.1f s (extraction %.1f s)", _cell_label(cfg), res.info["total_s"], res.info["extract_s"])
+
+    ids = {config_id(c): i for i, c in enumerate(cells)}
+    try:
+        df = load_results(out, skip_invalid=True)
+    except FileNotFoundError:
+        df = pd.DataFrame()
+    if len(df) and "config_id" in df.columns:
+        df = df[df["config_id"].isin(list(ids))]
+        df = df.drop_duplicates(subset=["config_id", "split", "metric"], keep="last")
+        df = df.assign(_cell=df["config_id"].map(ids)).sort_values("_cell", kind="stable").drop(columns="_cell")
+        df = df.reset_index(drop=True)
+        if "whitening" in df.columns:
+            for w, m, ds, p in zip(df["whitening"], df["model"], df["dataset"], df["pooling"], strict=True):
+                note = w.get("note") if isinstance(w, dict) else None
+                if note and (n := f"{m} on {ds} ({p}): {note}") not in notes:
+                    notes.append(n)
+    else:
+        df = pd.DataFrame()
+    df.attrs["sweep"] = {
+        "name": exp.name,
+        "cells": len(cells),
+        "skipped": len(cells) - len(todo),
+        "ran": ran,
+        "seconds": time.perf_counter() - t0,
+        "results_dir": str(out),
+        "notes": notes,
+        "whitening_memo": "postprocess_fn" in extra,
+    }
+    return df
