@@ -12,7 +12,6 @@ import math
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,13 +35,6 @@ NDF, N_RKHS, DEPTH, N_CLASSES = 4, 40, 2, 10
 # (layer index, n_in, n_out, kernel, stride) of the ConvResBlocks of the 128-pixel encoder
 BLOCKS = [(2, 1, 2, 4, 2), (3, 2, 4, 4, 2), (4, 4, 8, 2, 2), (6, 8, 8, 3, 1), (7, 8, 8, 3, 1)]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _upstream_model_state(ndf: int, n_rkhs: int, depth: int, n_classes: int, seed: int = 0) -> OrderedDict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +14,6 @@ from torch import Tensor, nn
 from retrbench.backbones.amdim import AMDIMConfig, AMDIMEncoder
 from retrbench.backbones.bn import recalibrate_bn, recalibrate_on_images, recalibration_specs
 from retrbench.extraction import ImageSpec
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Net(nn.Module):

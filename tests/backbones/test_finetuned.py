@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,6 @@ from retrbench.backbones.weights import CheckpointError, sha256_file
 CARDS = Path(__file__).resolve().parents[2] / "models"
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -34,14 +34,6 @@ from retrbench.backbones.weights import CheckpointError, sha256_file
 CARDS = Path(__file__).resolve().parents[2] / "models"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small inputs: one intra-op thread is fast, and immune to busy-waiting on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
