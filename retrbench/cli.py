@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kappas", default="1,5,10", help="k values of mP@k (default %(default)s)")
     e.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     e.add_argument("--format", choices=("markdown", "latex", "html", "csv"), default="markdown")
+
+    from .datasets.download import add_download_subcommand
+
+    add_download_subcommand(sub)
     return p
 
 
@@ -199,12 +203,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
+    from .datasets.download import cmd_download
     from .reporting_cli import COMMANDS
 
-    cmd = {"run": _cmd_run, "models": _cmd_models, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate, **COMMANDS}[args.command]
+    handlers = {"run": _cmd_run, "models": _cmd_models, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate, "download": cmd_download}
+    cmd = {**handlers, **COMMANDS}[args.command]
     try:
         return cmd(args)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"retrbench {args.command}: error: {msg}", file=sys.stderr)
         return 2
