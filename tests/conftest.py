@@ -39,3 +39,19 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
         mp.setenv("RETRBENCH_CACHE", str(root))
         mp.setenv("RETRBENCH_DATA", str(root / "data"))
         yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_for_backbone_tests(request: pytest.FixtureRequest):
+    """Backbone tests run small inputs: one intra-op thread is fast there, and immune to
+    busy-waiting on a loaded machine. (A conftest.py in tests/backbones would shadow this
+    module for ``from conftest import shared_path``.)"""
+    if request.path.parent.name != "backbones":
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
