@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pooling", default=d.pooling, help="mac, spoc, gem[:p=3], rmac[:levels=3] (default %(default)s)")
     r.add_argument("--whiten", type=_whiten, default=d.whiten, help="PCA-whitening dimension, or 'none' for the plain L2 descriptor (default %(default)s)")
     r.add_argument("--whiten-source", default=None, help="dataset to learn the whitening on (default: the database itself)")
-    r.add_argument("--rerank", default=d.rerank, help="none, aqe, dba, dba+aqe, aqe:k=10,alpha=3 ... (default %(default)s)")
+    r.add_argument("--rerank", default=d.rerank, help="none, aqe, dba, dfs, dfs-offline and +-joined combinations (dba+aqe+dfs), with parameters: aqe:k=10,alpha=3 (default %(default)s)")
     r.add_argument("--bn-recalibrate", type=int, default=0, metavar="N", help="re-estimate BatchNorm statistics on N database images before extracting (the paper's protocol)")
     r.add_argument("--batch-size", type=int, default=d.batch_size)
     r.add_argument("--device", default=d.device, help="auto (GPU when present), cpu, cuda, cuda:1 ...")
