@@ -108,7 +108,7 @@ def run_train_command(a: argparse.Namespace) -> int:
     if res.stages:
         import pandas as pd
 
-        print(pd.DataFrame(res.stages).to_markdown(index=False, floatfmt=".3f"))
+        print(pd.DataFrame(res.stages).round(3).to_markdown(index=False))
     print(f"\ncheckpoint: {res.last}  (retrbench run --model {cfg.model} --weights {res.last})")
     if res.insclr_checkpoint is not None:
         print(f"InsCLR layout: {res.insclr_checkpoint}")
