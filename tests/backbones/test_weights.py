@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import http.server
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -180,56 +178,6 @@ def test_strict_load_lists_first_ten_with_counts() -> None:
 
 
 # --------------------------------------------------------------------------- download
-
-
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files[path]`` honouring ``Range: bytes=N-``; prefix /norange ignores Range, /short drops half-way."""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-        data = self.server.files.get(self.path.split("?")[0].replace("/norange", "", 1).replace("/short", "", 1))  # type: ignore[attr-defined]
-        rng = self.headers.get("Range")
-        self.server.log.append((self.path, rng))  # type: ignore[attr-defined]
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if rng and not self.path.startswith("/norange"):
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.path.startswith("/short"):  # the connection drops half-way
-            self.wfile.write(body[: len(body) // 2])
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def server() -> Iterator[http.server.ThreadingHTTPServer]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    srv.files = {}  # type: ignore[attr-defined]
-    srv.log = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def _serve(srv: http.server.ThreadingHTTPServer, name: str, data: bytes) -> str:

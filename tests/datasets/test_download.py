@@ -8,9 +8,7 @@ import http.server
 import io
 import pickle
 import tarfile
-import threading
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,57 +16,6 @@ import pytest
 from retrbench.datasets import download as dl
 from retrbench.datasets.download import SOURCES, Archive, add_download_subcommand, cmd_download, download_dataset
 from retrbench.pipeline import load_dataset
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files[path]`` honouring ``Range: bytes=N-``; paths in ``server.drop_once`` are cut half-way once."""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-        srv = self.server
-        data = srv.files.get(self.path)  # type: ignore[attr-defined]
-        rng = self.headers.get("Range")
-        srv.log.append((self.path, rng))  # type: ignore[attr-defined]
-        if data is None:
-            self.send_error(404)
-            return
-        start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
-        if start >= len(data) and rng:
-            self.send_response(416)
-            self.end_headers()
-            return
-        if rng:
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.path in srv.drop_once:  # type: ignore[attr-defined]
-            srv.drop_once.discard(self.path)  # type: ignore[attr-defined]
-            self.wfile.write(body[: len(body) // 2])
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def server() -> Iterator[http.server.ThreadingHTTPServer]:
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files = {}  # type: ignore[attr-defined]
-    srv.log = []  # type: ignore[attr-defined]
-    srv.drop_once = set()  # type: ignore[attr-defined]
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
 
 
 def _base(srv: http.server.ThreadingHTTPServer) -> str:
