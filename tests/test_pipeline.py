@@ -42,7 +42,8 @@ def test_rerank_runs_from_the_cache(lite0_gem):
     res = rb.run(model="efficientnet_lite0", dataset="demo", pooling="gem", whiten=None, rerank="dba+aqe", workers=0)
     assert res.info["cache_hits"] == 2
     assert res.rows[0]["rerank"] == "dba+aqe"
-    np.testing.assert_array_less(0, res.metrics.value.to_numpy() + 1e-9)
+    # reranking changes the ranking: the metrics are not those of global search
+    assert not np.allclose(res.metrics.value.to_numpy(), lite0_gem.metrics.value.to_numpy())
 
 
 @pytest.fixture
