@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from retrbench.backbones import BACKBONES, Backbone, create_backbone
+from retrbench.backbones import BACKBONES, Backbone
 from retrbench.extraction import ImageSpec, extract, resolve_device
 from retrbench.pooling import gem
 
@@ -67,7 +67,7 @@ def model_names(arg: str) -> list[str]:
 def build(name: str) -> Backbone:
     if name == "resnet50" and "resnet50" not in BACKBONES:
         name = "timm:resnet50"
-    return create_backbone(name, pretrained=name in _REAL_WEIGHTS)
+    return BACKBONES.create(name, pretrained=name in _REAL_WEIGHTS)
 
 
 def _scaled(w: int, h: int, size: int) -> tuple[int, int]:

@@ -48,6 +48,7 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
+import torch  # noqa: F401  (the rerankers import torch on first use; import it before any timing)
 
 from retrbench.rerank import RankState, build_reranker, clear_cache, database_knn, rerank
 from retrbench.search import search

@@ -1,4 +1,4 @@
-"""InsCLR training throughput (images/s) of ``retrbench.train.insclr.train`` on this machine.
+"""InsCLR training throughput (images/s) of ``retrbench.train.train`` on this machine.
 
 Runs one short training stage on ``--n`` synthetic JPEGs (smooth noise, 4:3 and 3:4, written to a
 temporary folder) and reads the per-step times from the run's ``log.csv``. A step embeds every
@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 
 from retrbench.backbones import BACKBONES
-from retrbench.extraction import resolve_device
-from retrbench.train.insclr import InsCLRConfig, train
+from retrbench.train import InsCLRConfig, train
+from retrbench.utils.device import resolve_device
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> list[Path]:

@@ -1,20 +1,36 @@
-"""Run configuration: a frozen dataclass that round-trips through dicts / YAML and keys caches."""
+"""Run configuration: a frozen dataclass of parsed values that round-trips through dicts / YAML
+and keys caches.
+
+Spec strings (``--pooling gem:p=4``, ``--rerank dba+aqe``, ``--model a+b``) are parsed once,
+here, by :mod:`retrbench.specs`; stages receive the typed values. Whether a name exists is
+checked by the registry that builds it (the pipeline builds every stage before extracting
+anything, so a typo fails in a second, not after an hour of extraction).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["RunConfig", "config_id", "stable_hash"]
+from .specs import ModelRef, Pipeline, Step, parse_models, parse_pipeline, parse_step
+from .utils.io import stable_hash
+
+__all__ = ["RunConfig", "check_keys", "config_id", "field_help", "stable_hash"]
 
 
-def stable_hash(obj: Any, n: int = 16) -> str:
-    """Hex digest of the canonical JSON of ``obj`` (sorted keys), truncated to ``n`` characters."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:n]
+def check_keys(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
+    """Raise ``ValueError`` naming every key not in ``allowed`` (with close matches)."""
+    allowed = list(allowed)
+    bad = [k for k in keys if k not in allowed]
+    if bad:
+        hints = []
+        for k in bad:
+            close = difflib.get_close_matches(str(k), allowed, n=2)
+            hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; allowed: {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -22,18 +38,23 @@ class RunConfig:
     """Everything that determines one benchmark run.
 
     Attributes:
-        model: backbone registry name (``retrbench models``), or ``random`` for chance level.
-        weights: checkpoint path overriding where the entry's weights come from.
+        model: backbone name (``retrbench models``; also ``timm:NAME``, ``hub:REPO:ENTRY``,
+            ``hf-hub:ORG/REPO``), ``random`` for chance level, ``a+b`` for an ensemble.
+            Parsed into :attr:`models`.
+        weights: checkpoint path overriding where the entry's weights come from (``wa+wb``
+            for an ensemble).
         dataset: dataset registry name (``retrbench datasets``).
         data_root: where datasets live (default ``$RETRBENCH_DATA``).
         image_size: longer image side in pixels; None uses the model's default.
         query_resize: ``crop`` crops the query box and then resizes the crop so its longer side
             is ``image_size`` (cirtorch convention); ``full`` resizes the full query image as a
             database image would be and then crops the box (same scale as the database).
-        pooling: pooling spec, e.g. ``gem``, ``gem:p=4``, ``rmac``, ``rmac:levels=3``.
+        pooling: pooling :class:`~retrbench.specs.Step` (a string such as ``gem``, ``gem:p=4``,
+            ``rmac:levels=3`` or ``native`` is parsed on construction).
         whiten: PCA-whitening output dimension; None keeps the L2-normalised descriptor.
         whiten_source: dataset to learn the whitening on; None learns it on the database.
-        rerank: rerank spec (``none`` for global search only).
+        rerank: rerank :class:`~retrbench.specs.Pipeline` (a string such as ``none``, ``aqe``
+            or ``dba+aqe:k=5`` is parsed on construction).
         batch_size: images per forward pass (images of equal size are batched together).
         device: ``auto`` (GPU when present), ``cpu``, ``cuda``, ``cuda:1`` ...
         workers: image-decoding worker processes (0 decodes in the main process).
@@ -53,10 +74,10 @@ class RunConfig:
     data_root: str | None = None
     image_size: int | None = None
     query_resize: str = "crop"
-    pooling: str = "gem"
+    pooling: Step = Step("gem")
     whiten: int | None = 512
     whiten_source: str | None = None
-    rerank: str = "none"
+    rerank: Pipeline = Pipeline()
     batch_size: int = 8
     device: str = "auto"
     workers: int = 2
@@ -66,6 +87,11 @@ class RunConfig:
     topk: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pooling", parse_step(self.pooling, "pooling spec"))
+        object.__setattr__(self, "rerank", parse_pipeline(self.rerank, "rerank spec"))
+        models = parse_models(self.model, self.weights)
+        object.__setattr__(self, "model", "+".join(m.name for m in models))
+        object.__setattr__(self, "_models", models)
         if self.query_resize not in ("crop", "full"):
             raise ValueError(f"query_resize must be 'crop' or 'full', got {self.query_resize!r}")
         if self.image_size is not None and self.image_size < 16:
@@ -80,20 +106,51 @@ class RunConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
+    @property
+    def models(self) -> tuple[ModelRef, ...]:
+        """The backbones of :attr:`model` with their weights (several for an ensemble)."""
+        return self._models  # type: ignore[attr-defined]
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON / YAML values: specs as their canonical strings."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["pooling"] = str(self.pooling)
+        d["rerank"] = str(self.rerank)
+        d["dataset_options"] = [list(kv) for kv in self.dataset_options]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Build from a dict (e.g. parsed YAML); unknown keys are an error naming them."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown RunConfig keys {unknown}; allowed: {sorted(names)}")
+        check_keys(d, [f.name for f in fields(cls)], "RunConfig")
+        d = dict(d)
+        if "dataset_options" in d and d["dataset_options"] is not None:
+            opts = d["dataset_options"]
+            d["dataset_options"] = tuple(opts.items()) if isinstance(opts, dict) else tuple(tuple(kv) for kv in opts)
         return cls(**d)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def field_help() -> dict[str, str]:
+    """Each :class:`RunConfig` field's description from its docstring (the CLI's help texts)."""
+    import inspect
+    import re
+
+    doc = inspect.getdoc(RunConfig) or ""
+    body = doc.split("Attributes:", 1)[-1]
+    out: dict[str, str] = {}
+    name = None
+    for line in body.splitlines():
+        m = re.match(r"^    (\w+): (.*)$", line)
+        if m and m.group(1) in RunConfig.__dataclass_fields__:
+            name = m.group(1)
+            out[name] = m.group(2).strip()
+        elif name and line.startswith("        "):
+            out[name] += " " + line.strip()
+    role = re.compile(r":\w+:`~?([\w.]+)`")
+    return {k: role.sub(lambda m: m.group(1).split(".")[-1], v).replace("``", "") for k, v in out.items()}
 
 
 def config_id(cfg: RunConfig) -> str:

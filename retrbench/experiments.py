@@ -33,13 +33,13 @@ sweep passes it to ``pipeline.run`` as ``postprocess_fn``.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import logging
 import time
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import RunConfig, config_id
+from .config import RunConfig, check_keys, config_id
+from .specs import Pipeline, Step, parse_pipeline, parse_step
 from .whitening import PCAWhitening, l2_normalize, postprocess
 
 __all__ = ["Experiment", "ModelEntry", "WhiteningMemo", "config_id", "load_experiment", "plan", "sweep"]
@@ -61,20 +62,8 @@ _TOP_KEYS = ("name", "description", "results_dir", "fixed", *_GRID_KEYS)
 _TRUE_DIM = ("none", "null", "true", "true_dim", "true dim", "off", "no")
 
 
-
 def _config_fields() -> set[str]:
     return {f.name for f in fields(RunConfig)}
-
-
-def _unknown(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
-    allowed = list(allowed)
-    bad = [k for k in keys if k not in allowed]
-    if bad:
-        hints = []
-        for k in bad:
-            close = difflib.get_close_matches(str(k), allowed, n=2)
-            hints.append(f"{k!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
-        raise ValueError(f"{where}: unknown key(s) {', '.join(hints)}; allowed: {', '.join(allowed)}")
 
 
 def _whiten_value(v: Any) -> int | None:
@@ -101,10 +90,12 @@ def _axis(key: str, value: Any) -> tuple[Any, ...]:
     if key == "whiten":
         return tuple(_whiten_value(v) for v in values)
     if key == "rerank":
-        return tuple("none" if v is None else str(v).strip() for v in values)
+        return tuple(parse_pipeline(None if v is None else str(v), "experiment: rerank") for v in values)
     for v in values:
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"experiment: {key!r} entries must be non-empty strings, got {v!r}")
+    if key in ("poolings", "pooling"):
+        return tuple(parse_step(v, "experiment: pooling") for v in values)
     return tuple(v.strip() for v in values)
 
 
@@ -126,7 +117,7 @@ class ModelEntry:
         if not isinstance(item, Mapping) or "model" not in item:
             raise ValueError(f"experiment: a model entry is a name or a mapping with a 'model' key, got {item!r}")
         rest = {k: v for k, v in item.items() if k != "model"}
-        _unknown(rest, sorted(_config_fields() - {"model"}), f"model entry {item['model']!r}")
+        check_keys(rest, sorted(_config_fields() - {"model"}), f"model entry {item['model']!r}")
         over = []
         for k, v in rest.items():
             over.append((k, _axis(k, v) if k in AXES else v))
@@ -140,9 +131,9 @@ class Experiment:
     name: str
     models: tuple[ModelEntry, ...]
     datasets: tuple[str, ...]
-    poolings: tuple[str, ...] = ("rmac",)
+    poolings: tuple[Step, ...] = (Step("rmac"),)
     whiten: tuple[int | None, ...] = (512,)
-    rerank: tuple[str, ...] = ("none",)
+    rerank: tuple[Pipeline, ...] = (Pipeline(),)
     fixed: tuple[tuple[str, Any], ...] = ()
     results_dir: str | None = None
     description: str = ""
@@ -153,7 +144,7 @@ class Experiment:
         if not isinstance(d, Mapping):
             raise ValueError(f"experiment{f' {source}' if source else ''}: expected a mapping, got {type(d).__name__}")
         where = f"experiment {source}" if source else "experiment"
-        _unknown(d, _TOP_KEYS, where)
+        check_keys(d, _TOP_KEYS, where)
         for key in ("models", "datasets"):
             if key not in d:
                 raise ValueError(f"{where}: {key!r} is required")
@@ -238,26 +229,16 @@ def load_experiment(source: str | Path | Mapping[str, Any] | Experiment) -> Expe
 
 
 def _validate(cells: list[RunConfig]) -> None:
-    """Fail before any work on names that cannot be built (unknown model, dataset, pooling, rerank)."""
-    from .backbones import BACKBONES
-    from .datasets import DATASETS
-    from .pooling import parse_pooling
-    from .rerank import build_reranker
+    """Fail before any work on names that cannot be built (unknown model, dataset, pooling,
+    rerank, bad parameter): each distinct cell goes through the pipeline's own check."""
+    from .pipeline import check_config
 
-    for spec in sorted({c.rerank for c in cells}):
-        build_reranker(spec)
-    for spec in sorted({c.pooling for c in cells}):
-        if spec.strip().lower() != "native":
-            parse_pooling(spec)
-    for name in sorted({c.dataset for c in cells}):
-        if not name.startswith("folder:"):
-            DATASETS.get(name)
-    for spec in sorted({c.model for c in cells}):
-        for part in spec.split("+"):
-            part = part.strip()
-            # timm:/hub: specs and checkpoint files are resolved when built
-            if part and ":" not in part and "/" not in part and not part.endswith((".pt", ".pth", ".ckpt")):
-                BACKBONES.get(part)
+    seen: set[tuple[str, ...]] = set()
+    for c in cells:
+        key = (c.model, c.dataset, str(c.pooling), str(c.rerank), str(c.whiten_source))
+        if key not in seen:
+            seen.add(key)
+            check_config(c)
 
 
 # ------------------------------------------------------------------------------ whitening memo
@@ -277,35 +258,6 @@ class _Fit:
 
     full: PCAWhitening
     train_size: int
-
-    def truncated(self, dim: int) -> PCAWhitening:
-        """The whitening :class:`PCAWhitening` ``(dim=dim).fit`` would give on the same data.
-
-        Components are nested (``fit`` always computes all of them and keeps the first
-        ``dim``), so this is the same projection without a new eigendecomposition; the cap and
-        its note follow ``PCAWhitening.fit`` (tests check both against a direct fit).
-        """
-        f = self.full
-        n, d, available = f.n_samples_, f.n_features_in_, f.n_components_
-        keep = min(int(dim), available)
-        if available == d:
-            reasons = [f"the descriptors are {d}-dimensional"]
-        else:
-            reasons = []
-            if n - 1 < d:
-                reasons.append(f"{n} centred training vectors span at most n - 1 = {n - 1} dimensions")
-            if available < min(n - 1, d):
-                reasons.append(f"only {available} components have variance above {f.eps:g} x the largest")
-        pw = PCAWhitening(dim=dim, eps=f.eps)
-        pw.mean_ = f.mean_
-        pw.explained_variance_ = f.explained_variance_[:keep]
-        pw.projection_ = f.projection_[:, :keep]
-        pw.n_components_ = keep
-        pw.n_samples_ = n
-        pw.n_features_in_ = d
-        pw.capped_ = int(dim) > available
-        pw.note_ = f"whitening dim {dim} capped to {keep}: " + "; ".join(reasons) if pw.capped_ else ""
-        return pw
 
 
 class WhiteningMemo:
@@ -370,7 +322,7 @@ class WhiteningMemo:
             if d0.shape[1] != q0.shape[1] or d0.shape[1] != fit.full.n_features_in_:
                 # let postprocess raise its own message
                 return postprocess(db, queries, whiten, train)
-            pw = fit.truncated(whiten)
+            pw = fit.full.truncate(whiten)
             d, q = pw.transform(d0), pw.transform(q0)
             info = {"requested_dim": whiten, "dim": pw.n_components_, "capped": pw.capped_, "note": pw.note_, "train_size": fit.train_size}
         for a in (d, q):
@@ -406,7 +358,9 @@ def plan(experiment: str | Path | Mapping[str, Any] | Experiment, *, results_dir
     rows = []
     for c in exp.cells():
         cid = config_id(c)
-        rows.append({"model": c.model, "dataset": c.dataset, "pooling": c.pooling, "whiten": c.whiten, "rerank": c.rerank, "config_id": cid, "done": cid in done})
+        rows.append(
+            {"model": c.model, "dataset": c.dataset, "pooling": str(c.pooling), "whiten": c.whiten, "rerank": str(c.rerank), "config_id": cid, "done": cid in done}
+        )
     return pd.DataFrame(rows)
 
 
@@ -448,12 +402,14 @@ def sweep(
     log.info("sweep %s: %d cells, %d already in %s, %d to run", exp.name, len(cells), len(cells) - len(todo), out, len(todo))
 
     memo: dict[Any, Any] = {}
-    extra: dict[str, Any] = {"postprocess_fn": WhiteningMemo()}
+    whitening = WhiteningMemo()
     notes: list[str] = []
     ran = 0
     for cfg in tqdm(todo, desc=f"sweep {exp.name}", unit="cell", disable=not progress):
         try:
-            res = pipeline.run(cfg, results_dir=out, progress=progress, backbones=memo, **extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", pipeline.WhiteningNote)  # collected in notes below
+                res = pipeline.run(cfg, results_dir=out, progress=progress, backbones=memo, postprocess_fn=whitening)
         except Exception as e:
             if hasattr(e, "add_note"):
                 e.add_note(
@@ -496,6 +452,5 @@ def sweep(
         "seconds": time.perf_counter() - t0,
         "results_dir": str(out),
         "notes": notes,
-        "whitening_memo": "postprocess_fn" in extra,
     }
     return df

@@ -15,102 +15,21 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from .utils.device import resolve_device
+from .utils.images import ImageSpec, load_image, target_size
+from .utils.io import atomic_save_npy, atomic_write_text
 
 __all__ = ["ImageSpec", "target_size", "load_image", "extract", "FeatureCache", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when extraction semantics change, so old caches are not reused
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How one image is turned into a network input.
-
-    Attributes:
-        path: image file.
-        bbox: ``(x0, y0, x1, y1)`` crop in original pixels, or None.
-        size: longer side after resizing.
-        query_resize: ``crop`` (crop then resize the crop) or ``full`` (resize then crop).
-    """
-
-    path: Path
-    bbox: tuple[float, float, float, float] | None
-    size: int
-    query_resize: str = "crop"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; anything else is passed to ``torch.device``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def _scaled(w: int, h: int, size: int) -> tuple[int, int]:
-    s = size / max(w, h)
-    return max(1, round(w * s)), max(1, round(h * s))
-
-
-def _box(bbox: tuple[float, float, float, float], w: int, h: int, path: Path) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = (round(float(v)) for v in bbox)
-    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
-    if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"{path}: query box {tuple(bbox)} is empty inside the {w}x{h} image")
-    return x0, y0, x1, y1
-
-
-def target_size(spec: ImageSpec) -> tuple[int, int]:
-    """``(width, height)`` of the network input for ``spec``, read from the file header only."""
-    try:
-        with Image.open(spec.path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {spec.path}") from None
-    except OSError as e:
-        raise OSError(f"{spec.path}: cannot read image ({e})") from e
-    if spec.bbox is None:
-        return _scaled(w, h, spec.size)
-    x0, y0, x1, y1 = _box(spec.bbox, w, h, spec.path)
-    if spec.query_resize == "crop":
-        return _scaled(x1 - x0, y1 - y0, spec.size)
-    s = spec.size / max(w, h)
-    return max(1, round(x1 * s) - round(x0 * s)), max(1, round(y1 * s) - round(y0 * s))
-
-
-def load_image(spec: ImageSpec) -> torch.Tensor:
-    """Decode, crop and resize one image; ``(3, H, W)`` uint8 RGB tensor."""
-    try:
-        with Image.open(spec.path) as im:
-            img = im.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {spec.path}") from None
-    except OSError as e:
-        raise OSError(f"{spec.path}: cannot decode image ({e})") from e
-    w, h = img.size
-    if spec.bbox is not None and spec.query_resize == "crop":
-        img = img.crop(_box(spec.bbox, w, h, spec.path))
-        img = img.resize(_scaled(*img.size, spec.size), Image.Resampling.LANCZOS)
-    elif spec.bbox is not None:
-        x0, y0, x1, y1 = _box(spec.bbox, w, h, spec.path)
-        img = img.resize(_scaled(w, h, spec.size), Image.Resampling.LANCZOS)
-        s = spec.size / max(w, h)
-        img = img.crop((round(x0 * s), round(y0 * s), round(x1 * s), round(y1 * s)))
-    else:
-        img = img.resize(_scaled(w, h, spec.size), Image.Resampling.LANCZOS)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -196,34 +115,12 @@ class FeatureCache:
 
     def save(self, arr: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save(self.path, arr)
-        _atomic_write_text(self.dir / f"{self.key}.json", json.dumps(self.meta, indent=1, sort_keys=True))
+        atomic_save_npy(self.path, arr)
+        atomic_write_text(self.dir / f"{self.key}.json", json.dumps(self.meta, indent=1, sort_keys=True))
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def chunk_path(self, i: int) -> Path:
         return self.partial / f"chunk{i:06d}.npy"
-
-
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def extract(
@@ -277,7 +174,7 @@ def extract(
                 done = _extract_chunk(backbone, pool, chunk, mean_t, std_t, dev, batch_size, workers, bar.update)
                 if cache is not None:
                     cache.partial.mkdir(parents=True, exist_ok=True)
-                    _atomic_save(cache.chunk_path(c), done)
+                    atomic_save_npy(cache.chunk_path(c), done)
             else:
                 bar.update(len(chunk))
             parts.append(done)

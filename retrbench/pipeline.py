@@ -1,71 +1,50 @@
 """The one place where the stages meet: dataset -> backbone -> extraction -> whitening ->
 search -> rerank -> evaluation -> tidy results. The CLI and notebooks both call :func:`run`.
+
+Every stage is built from the registries before anything is extracted (:func:`check_config`),
+so a misspelt pooling or reranker fails in a second instead of after the extraction.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import re
 import time
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .backbones import BACKBONES, Backbone
-from .config import RunConfig, config_id, stable_hash
-from .datasets import DATASETS, default_cache_root
-from .evaluation import evaluate
+from .config import RunConfig, config_id
+from .datasets import DATASETS, dataset_label, default_image_size, load_dataset
+from .evaluation import PROTOCOLS, evaluate, per_query_ap
 from .extraction import CACHE_FORMAT, FeatureCache, ImageSpec, extract
-from .pooling import parse_pooling
-from .rerank import RankState, build_reranker
-from .results import RunResult, append_results, tidy_rows
+from .pooling import POOLINGS, Pooling, parse_pooling, pooling_label
+from .rerank import RankState, build_reranker, pipeline_label
+from .results import RunResult, append_results, check_results_dir, tidy_rows
 from .search import search
+from .specs import ModelRef, Step
 from .types import RetrievalDataset
-from .whitening import l2_normalize, postprocess
+from .utils.io import stable_hash
+from .utils.linalg import l2_normalize
+from .utils.paths import default_cache_root, safe_name
+from .whitening import postprocess
 
-__all__ = ["run", "load_dataset", "dataset_features", "make_backbone"]
+__all__ = ["run", "check_config", "dataset_features", "WhiteningNote"]
 
 log = logging.getLogger(__name__)
 
 BN_SEED = 0  # seed of the image sample used for BatchNorm re-calibration
 
 
-def load_dataset(
-    name: str,
-    data_root: str | Path | None = None,
-    allow_missing: bool = False,
-    **options: Any,
-) -> RetrievalDataset:
-    """Build the registered dataset ``name`` (or ``folder:PATH``) from ``data_root``.
-
-    ``options`` are passed to the dataset's loader (e.g. ``max_distractors=1000``).
-    """
-    if allow_missing:
-        options["allow_missing"] = True
-    if name.startswith("folder:"):
-        from .datasets.folder import load_folder
-
-        return load_folder(name.split(":", 1)[1], **options)
-    if data_root is not None:
-        options["data_root"] = Path(data_root)
-    entry = DATASETS.get(name)
-    try:
-        return entry.factory(**options)
-    except TypeError as e:
-        if "unexpected keyword" in str(e):
-            raise ValueError(f"dataset {entry.name!r} does not take the option(s) {sorted(options)}: {e}") from None
-        raise
-
-
-def _dataset_image_size(name: str) -> int | None:
-    if name.startswith("folder:"):
-        return None
-    return DATASETS.get(name).info.image_size
+class WhiteningNote(UserWarning):
+    """Warned when the whitening dimension had to be capped (see ``RunResult.info['whitening']``)."""
 
 
 def _ranking_length(n_database: int, protocol: str, topk: int | None) -> int:
@@ -87,24 +66,50 @@ class _NativeDescriptor(torch.nn.Module):
         return self.backbone.native(x)[:, :, None, None]
 
 
-def _feature_stage(backbone: Backbone, pooling: str) -> tuple[torch.nn.Module, Any, str]:
-    """(network, pooling, cache spec) for ``pooling``; ``native`` uses the model's own head."""
-    if pooling.strip().lower() == "native":
-        if not callable(getattr(backbone, "native", None)):
-            raise ValueError(
-                f"model {backbone.name!r} has no native global descriptor (only models whose checkpoint "
-                "carries a learned pooling / head do); choose --pooling mac, spoc, gem or rmac"
-            )
-        return _NativeDescriptor(backbone), parse_pooling("mac"), "native"
-    pool = parse_pooling(pooling)
-    return backbone, pool, pool.spec
+def _feature_stage(backbone: Backbone, pool: Pooling) -> torch.nn.Module:
+    """The network whose output ``pool`` reads: the feature map, or the model's own head."""
+    if not POOLINGS.get(pool.name).info.native:
+        return backbone
+    if not callable(getattr(backbone, "native", None)):
+        raise ValueError(
+            f"model {backbone.name!r} has no native global descriptor (only models whose checkpoint "
+            f"carries a learned pooling / head do); choose --pooling {', '.join(n for n in POOLINGS.list() if n != 'native')}"
+        )
+    return _NativeDescriptor(backbone)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The built, checked stages of a configuration."""
+
+    pooling: Pooling
+    reranker: Callable[[RankState], RankState]
+
+
+def check_config(cfg: RunConfig) -> _Plan:
+    """Build the pooling and reranker and check every name of ``cfg`` (models, dataset,
+    whitening source, protocol) against its registry, before any work. Raises ``KeyError``
+    (unknown name, with close matches) or ``ValueError`` (bad parameter)."""
+    pool = parse_pooling(cfg.pooling)
+    reranker = build_reranker(cfg.rerank)
+    for ref in cfg.models:
+        if not BACKBONES.is_known(ref.name):
+            BACKBONES.get(ref.name)  # raises with close matches
+    for name in filter(None, (cfg.dataset, cfg.whiten_source)):
+        if not DATASETS.is_known(name):
+            DATASETS.get(name)
+    return _Plan(pool, reranker)
+
+
+def _image_ids(ds: RetrievalDataset) -> tuple[list[str], list[str]]:
+    return list(ds.images), [q.image for q in ds.queries]
 
 
 def dataset_features(
     ds: RetrievalDataset,
     backbone: Backbone,
     *,
-    pooling: str,
+    pooling: str | Step | Pooling,
     image_size: int,
     query_resize: str = "crop",
     batch_size: int = 8,
@@ -122,13 +127,14 @@ def dataset_features(
     its BatchNorm statistics on N database images first (seeded sample; only when something
     has to be extracted).
     """
+    pool = pooling if isinstance(pooling, Pooling) else parse_pooling(pooling)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
-    common = {
+    common: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "model": backbone.name,
         "weights_id": backbone.weights_id,
         "image_size": image_size,
-        "pooling": pooling if pooling.strip().lower() == "native" else parse_pooling(pooling).spec,
+        "pooling": pool.spec,
         "dataset": ds.name,
     }
     if bn_recalibrate:
@@ -141,7 +147,7 @@ def dataset_features(
     reuse = {j: db_row[q.image] for j, q in enumerate(ds.queries) if q.bbox is None and q.image in db_row}
     todo = [j for j in range(len(ds.queries)) if j not in reuse]
     q_specs = [ImageSpec(root / ds.queries[j].image, ds.queries[j].bbox, image_size, query_resize) for j in todo]
-    folder = cache_dir / re.sub(r"[^A-Za-z0-9_.+-]", "_", ds.name) / re.sub(r"[^A-Za-z0-9_.+-]", "_", backbone.name)
+    folder = cache_dir / safe_name(ds.name) / safe_name(backbone.name)
     jobs = []
     for role, specs, items in (
         ("database", db_specs, list(ds.images)),
@@ -161,7 +167,7 @@ def dataset_features(
         recal = recalibration_specs(ds.images, bn_recalibrate, BN_SEED, size=image_size, root=root)
         recalibrate_on_images(backbone, recal, backbone.info.mean, backbone.info.std, batch_size, device, workers=workers)
         info["bn_recalibrate_s"] = time.perf_counter() - t0
-    net, pool, _ = _feature_stage(backbone, pooling)
+    net = _feature_stage(backbone, pool)
 
     out = []
     for role, specs, cache in jobs:
@@ -197,33 +203,27 @@ def dataset_features(
     return db, queries, info
 
 
-def _split_models(cfg: RunConfig) -> list[tuple[str, str | None]]:
-    """``model`` / ``weights`` specs as (name, weights) pairs; ``a+b`` is an ensemble."""
-    names = [m.strip() for m in cfg.model.split("+") if m.strip()]
-    if not names:
-        raise ValueError(f"model spec {cfg.model!r} names no model")
-    if cfg.weights is None:
-        return [(n, None) for n in names]
-    weights = cfg.weights.split("+") if len(names) > 1 else [cfg.weights]
-    if len(weights) != len(names):
-        raise ValueError(f"ensemble {cfg.model!r} has {len(names)} models but --weights gives {len(weights)} files (join them with '+')")
-    return list(zip(names, weights, strict=True))
+def _build_backbone(ref: ModelRef, memo: dict[tuple[str, str | None], Backbone]) -> Backbone:
+    key = (ref.name, ref.weights)
+    if key not in memo:
+        memo[key] = BACKBONES.create(ref.name, weights=ref.weights)
+    return memo[key]
 
 
-def make_backbone(name: str, weights: str | None = None) -> Backbone:
-    """A registry entry, or (when available) a ``timm:`` / ``hub:`` model."""
-    from . import backbones
-
-    create = getattr(backbones, "create_backbone", None)
-    if create is not None:
-        return create(name, weights=weights)
-    return BACKBONES.create(name, weights=weights)
+def _labels(cfg: RunConfig, backbones: list[Backbone], ds: RetrievalDataset) -> dict[str, str]:
+    """Display names for the rows (reporting reads them instead of importing the registries)."""
+    return {
+        "model_label": "+".join(getattr(b.info, "label", "") or b.name for b in backbones),
+        "pooling_label": pooling_label(cfg.pooling),
+        "dataset_label": dataset_label(cfg.dataset),
+        "rerank_label": pipeline_label(cfg.rerank),
+    }
 
 
 def run(
     config: RunConfig | None = None,
     *,
-    results_dir: str | Path | None = None,
+    results_dir: str | Path | None = "results",
     progress: bool = False,
     backbones: dict[tuple[str, str | None], Backbone] | None = None,
     postprocess_fn: Callable[..., tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
@@ -231,32 +231,38 @@ def run(
 ) -> RunResult:
     """Run one benchmark and return its metrics.
 
-    ``rb.run(model="efficientnet_lite0", dataset="demo", pooling="rmac", whiten=512)`` is the
+    ``rb.run(model="efficientnet_lite0", dataset="demo", pooling="rmac", whiten=None)`` is the
     same as ``retrbench run --model ... --dataset ...``. Keyword overrides replace fields of
-    ``config`` (default :class:`RunConfig`). With ``results_dir``, tidy rows are appended to
-    ``<results_dir>/results.jsonl``.
+    ``config`` (default :class:`RunConfig`). Tidy rows are appended to
+    ``<results_dir>/results.jsonl`` (default ``results/``, as the CLI; ``None`` skips);
+    the folder is checked before any work.
 
     A model spec ``a+b`` is an ensemble: each model's descriptors are L2-normalised and
     concatenated, then post-processed together (PCA-whitening reduces the concatenation, as
     the paper does). ``backbones`` is an optional memo of built models, shared across calls
     (sweeps use it so that a model is loaded once). ``postprocess_fn`` replaces
     :func:`~retrbench.whitening.postprocess` (sweeps pass a memo that fits each PCA once).
+
+    A whitening dimension capped to what the training set allows is reported with a
+    :class:`WhiteningNote` warning (and logged), so notebooks see it too.
     """
     cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
+    plan = check_config(cfg)
+    if results_dir is not None:
+        check_results_dir(results_dir)
     t_start = time.perf_counter()
     options = dict(cfg.dataset_options)
     allow_missing = bool(options.pop("allow_missing", False)) or cfg.allow_missing
     ds = load_dataset(cfg.dataset, cfg.data_root, allow_missing, **options)
+    PROTOCOLS.get(ds.protocol)
     memo = backbones if backbones is not None else {}
-    parts_db, parts_q, parts_train, weight_ids, sizes = [], [], [], [], []
+    parts_db, parts_q, parts_train, built, sizes = [], [], [], [], []
     info: dict[str, Any] = {"extract_s": 0.0, "cache_hits": 0}
-    for name, weights in _split_models(cfg):
-        if (name, weights) not in memo:
-            memo[(name, weights)] = make_backbone(name, weights)
-        backbone = memo[(name, weights)]
-        size = cfg.image_size or _dataset_image_size(cfg.dataset) or backbone.info.default_size
+    for ref in cfg.models:
+        backbone = _build_backbone(ref, memo)
+        size = cfg.image_size or default_image_size(cfg.dataset) or backbone.info.default_size
         feat_kw = dict(
-            pooling=cfg.pooling,
+            pooling=plan.pooling,
             image_size=size,
             query_resize=cfg.query_resize,
             batch_size=cfg.batch_size,
@@ -273,7 +279,7 @@ def run(
         if cfg.whiten is not None and cfg.whiten_source and cfg.whiten_source != cfg.dataset:
             src = load_dataset(cfg.whiten_source, cfg.data_root)
             parts_train.append(dataset_features(src, backbone, **feat_kw)[0])
-        weight_ids.append(backbone.weights_id)
+        built.append(backbone)
         sizes.append(size)
     if len(parts_db) == 1:
         db, q = parts_db[0], parts_q[0]
@@ -286,18 +292,23 @@ def run(
     t0 = time.perf_counter()
     dbw, qw, winfo = (postprocess_fn or postprocess)(db, q, cfg.whiten, train)
     t_post = time.perf_counter() - t0
+    if winfo.get("note"):
+        log.warning("%s on %s: %s", cfg.model, cfg.dataset, winfo["note"])
+        warnings.warn(f"{cfg.model} on {cfg.dataset}: {winfo['note']}", WhiteningNote, stacklevel=2)
 
     t0 = time.perf_counter()
     result = search(qw, dbw, k=_ranking_length(dbw.shape[0], ds.protocol, cfg.topk))
     t_search = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = build_reranker(cfg.rerank)(RankState(qw, dbw, result)).result
+    result = plan.reranker(RankState(qw, dbw, result)).result
     t_rerank = time.perf_counter() - t0
 
     metrics = evaluate(result.indices, ds.gnd, ds.protocol)
+    database_ids, query_ids = _image_ids(ds)
     provenance = {
         "config_id": config_id(cfg),
-        "weights_sha256": "+".join(weight_ids),
+        **_labels(cfg, built, ds),
+        "weights_sha256": "+".join(b.weights_id for b in built),
         "image_size_used": sizes[0] if len(set(sizes)) == 1 else "+".join(map(str, sizes)),
         "dim": int(dbw.shape[1]),
         "n_database": len(ds.images),
@@ -318,4 +329,13 @@ def run(
     )
     if results_dir is not None:
         info["results_file"] = str(append_results(rows, results_dir))
-    return RunResult(cfg, rows, info, result)
+    return RunResult(
+        cfg,
+        rows,
+        info,
+        result,
+        query_ids=tuple(query_ids),
+        database_ids=tuple(database_ids),
+        query_ap=per_query_ap(result.indices, ds.gnd, ds.protocol),
+    )
+

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -27,7 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .registry import Registry
+from .registry import EntryInfo, Registry
+from .specs import Step, parse_step
+from .utils.linalg import l2n
 
 __all__ = [
     "mac",
@@ -39,7 +40,7 @@ __all__ = [
     "PoolingInfo",
     "POOLINGS",
     "parse_pooling",
-    "parse_spec",
+    "pooling_label",
 ]
 
 # cirtorch's R-MAC grid constants (Tolias et al. 2016).
@@ -188,10 +189,6 @@ def _rmac_plan(h: int, w: int, levels: int, device: torch.device) -> _Plan:
     return _Plan(k, m, as_tensor(rows), as_tensor(cols))
 
 
-def _l2n(x: Tensor, eps: float, dim: int = 1) -> Tensor:
-    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
-
-
 def _running_max(x: Tensor, dim: int, k: int) -> Tensor:
     """Maxima over ``2**k`` consecutive entries along ``dim`` (size shrinks by ``2**k - 1``)."""
     for j in range(k):
@@ -228,8 +225,8 @@ def rmac(x: Tensor, levels: int = 3, eps: float = 1e-6) -> Tensor:
     cells = _running_max(bands, 3, plan.k).reshape(bsz, chans, -1)  # (B, C, nb * (W - 2**k + 1))
     regions = cells.index_select(2, plan.cols).view(bsz, chans, -1, m).amax(dim=-1)  # (B, C, nr)
     whole = rows.amax(dim=(-2, -1)).unsqueeze(-1)  # (B, C, 1): the row windows cover every row
-    v = _l2n(torch.cat([whole, regions], dim=-1), eps, dim=1).sum(dim=-1)  # (B, C)
-    return _l2n(v, eps, dim=1)
+    v = l2n(torch.cat([whole, regions], dim=-1), eps, dim=1).sum(dim=-1)  # (B, C)
+    return l2n(v, eps, dim=1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -275,18 +272,22 @@ class Pooling(nn.Module):
 
 
 @dataclass(frozen=True)
-class PoolingInfo:
+class PoolingInfo(EntryInfo):
     """Metadata on a pooling registry entry.
 
     Attributes:
         params: parameter name -> default value; the default's type (int or float) is the
             type a spec string's value is converted to.
+        native: the pooling is the backbone's own learned head (``native``): the pipeline
+            feeds it the model's ``(B, D)`` descriptor as a ``(B, D, 1, 1)`` map instead of the
+            feature map. Only models with a ``native`` method support it.
     """
 
     params: Mapping[str, Any] = field(default_factory=dict)
+    native: bool = False
 
 
-POOLINGS: Registry[Pooling] = Registry("pooling")
+POOLINGS: Registry[Pooling] = Registry("pooling", PoolingInfo)
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -304,58 +305,42 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-@POOLINGS.register("mac", info=PoolingInfo())
+@POOLINGS.register("mac", info=PoolingInfo(label="MAC", order=0))
 def make_mac() -> Pooling:
-    """MAC: per-channel spatial maximum (raw, negatives kept)."""
+    """per-channel spatial maximum (raw, negatives kept)."""
     return Pooling("mac", mac)
 
 
-@POOLINGS.register("spoc", aliases=("avg",), info=PoolingInfo())
+@POOLINGS.register("spoc", aliases=("avg",), info=PoolingInfo(label="SPoC", order=1))
 def make_spoc() -> Pooling:
-    """SPoC: per-channel spatial mean (average pooling)."""
+    """per-channel spatial mean (average pooling)."""
     return Pooling("spoc", spoc)
 
 
-@POOLINGS.register("gem", info=PoolingInfo({"p": 3.0}))
+@POOLINGS.register("gem", info=PoolingInfo(label="GeM", order=2, params={"p": 3.0}))
 def make_gem(p: float = 3.0) -> Pooling:
-    """GeM: generalised mean with exponent p (map clamped at 1e-6 first)."""
+    """generalised mean with exponent p (map clamped at 1e-6 first)."""
     return Pooling("gem", gem, {"p": _positive_float("p", p)})
 
 
-@POOLINGS.register("rmac", info=PoolingInfo({"levels": 3}))
+@POOLINGS.register("rmac", info=PoolingInfo(label="R-MAC", order=3, params={"levels": 3}))
 def make_rmac(levels: int = 3) -> Pooling:
-    """R-MAC: sum of L2-normalised region maxima over a multi-scale grid, L2-normalised."""
+    """sum of L2-normalised region maxima over a multi-scale grid, L2-normalised."""
     return Pooling("rmac", rmac, {"levels": _positive_int("levels", levels)})
 
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-.]*$")
+def _flatten_native(x: Tensor) -> Tensor:
+    """The backbone's own descriptor, given as a ``(B, D, 1, 1)`` map: ``-> (B, D)``."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-2:] != (1, 1):
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"native: expected the model's descriptor as a (B, D, 1, 1) tensor, got {shape}")
+    return x.flatten(1)
 
 
-def parse_spec(spec: str, what: str = "spec") -> tuple[str, dict[str, str]]:
-    """Split ``"name"``, ``"name:k=v,k=v"`` or ``"name(k=v,k=v)"`` into name and raw values.
-
-    Keys are lower-cased; values are returned as stripped strings for the caller to convert.
-    Raises ``ValueError`` on a malformed spec or a repeated key.
-    """
-    text = spec.strip()
-    if text.endswith(")") and "(" in text:
-        name, _, rest = text.partition("(")
-        body = rest[:-1]
-    else:
-        name, _, body = text.partition(":")
-    name = name.strip()
-    if not _NAME.match(name):
-        raise ValueError(f"{what} {spec!r}: expected 'name' or 'name:key=value,...'")
-    params: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in body.split(","))):
-        key, eq, value = item.partition("=")
-        key, value = key.strip().lower(), value.strip()
-        if not eq or not key or not value:
-            raise ValueError(f"{what} {spec!r}: {item!r} is not of the form key=value")
-        if key in params:
-            raise ValueError(f"{what} {spec!r}: {key!r} given twice")
-        params[key] = value
-    return name, params
+@POOLINGS.register("native", info=PoolingInfo(label="native", order=4, native=True))
+def make_native() -> Pooling:
+    """the model's own learned head (GeM-AP, cirtorch, InsCLR; ViT class token)."""
+    return Pooling("native", _flatten_native)
 
 
 def _convert(name: str, key: str, raw: str, default: Any) -> Any:
@@ -368,14 +353,16 @@ def _convert(name: str, key: str, raw: str, default: Any) -> Any:
         raise ValueError(f"pooling {name!r}: {key} must be {kind}, got {raw!r}") from None
 
 
-def parse_pooling(spec: str) -> Pooling:
-    """Build a pooling from a spec string: ``"gem"``, ``"gem:p=4"``, ``"rmac:levels=2"``.
+def parse_pooling(spec: str | Step) -> Pooling:
+    """Build a pooling from a spec: ``"gem"``, ``"gem:p=4"``, ``"rmac:levels=2"`` or a parsed
+    :class:`~retrbench.specs.Step`.
 
     The ``spec`` form of a pooling (``"gem(p=4.0)"``) is accepted too. Unknown names raise
     ``KeyError`` with close matches; unknown or malformed parameters raise ``ValueError``
     naming the parameter and the allowed ones.
     """
-    name, raw = parse_spec(spec, "pooling spec")
+    step = parse_step(spec, "pooling spec")
+    name, raw = step.name, {k: str(v) for k, v in step.params}
     entry = POOLINGS.get(name)
     allowed: Mapping[str, Any] = entry.info.params if isinstance(entry.info, PoolingInfo) else {}
     unknown = sorted(set(raw) - set(allowed))
@@ -384,3 +371,13 @@ def parse_pooling(spec: str) -> Pooling:
         raise ValueError(f"pooling {entry.name!r}: unknown parameter(s) {', '.join(unknown)} (allowed: {ok})")
     kwargs = {k: _convert(entry.name, k, v, allowed[k]) for k, v in raw.items()}
     return entry.factory(**kwargs)
+
+
+def pooling_label(spec: str | Step) -> str:
+    """Display name of a pooling spec for tables: ``gem`` -> ``GeM``, ``gem:p=4`` -> ``GeM(p=4)``.
+
+    Names the registry does not know are shown as written.
+    """
+    step = parse_step(spec, "pooling spec")
+    params = ",".join(f"{k}={v}" for k, v in step.params)
+    return POOLINGS.label(step.name) + (f"({params})" if params else "")

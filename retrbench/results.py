@@ -17,8 +17,10 @@ from typing import Any
 
 import pandas as pd
 
+from ._version import __version__
 from .config import RunConfig
 from .types import Metric
+from .utils.render import render as render_frame
 
 __all__ = ["RunResult", "tidy_rows", "append_results", "load_results", "wide_table", "render"]
 
@@ -37,13 +39,27 @@ def tidy_rows(
     provenance: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """One dict per metric: config fields, ``split``, ``metric``, ``value`` and provenance."""
-    from . import __version__
-
     base = {**config.to_dict(), "protocol": protocol}
     base.setdefault("retrbench_version", __version__)
     base["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     base.update(provenance)
     return [{**base, "split": m.split, "metric": m.name, "value": float(m.value)} for m in metrics]
+
+
+def check_results_dir(results_dir: str | Path) -> Path:
+    """Fail early (before any extraction) when rows could not be appended under ``results_dir``.
+
+    Creates the folder; raises ``NotADirectoryError`` / ``PermissionError`` naming it when it is
+    a file or not writable, so a long run never loses its numbers at the last step.
+    """
+    d = Path(results_dir)
+    if d.exists() and not d.is_dir():
+        raise NotADirectoryError(f"results directory {d} is a file; pass another --results-dir (or 'none')")
+    d.mkdir(parents=True, exist_ok=True)
+    target = d / RESULTS_FILE
+    if not os.access(d, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise PermissionError(f"cannot write results to {target}: not writable; pass another --results-dir (or 'none')")
+    return d
 
 
 def append_results(rows: Iterable[dict[str, Any]], results_dir: str | Path) -> Path:
@@ -118,28 +134,22 @@ def wide_table(rows: pd.DataFrame, index: Sequence[str] = TABLE_INDEX) -> pd.Dat
     return table
 
 
-def _flat(table: pd.DataFrame) -> pd.DataFrame:
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A :func:`wide_table` with one header row: ``"Medium mAP"`` (the dataset named only when
+    there are several, the ``all`` split left out); the methods stay the index."""
     flat = table.copy()
     datasets = table.columns.get_level_values("dataset").unique()
     flat.columns = [
         " ".join(p for p in ((d if len(datasets) > 1 else ""), ("" if s == "all" else s.capitalize()), m) if p)
         for d, s, m in table.columns
     ]
-    return flat.reset_index()
+    return flat
 
 
 def render(table: pd.DataFrame, fmt: str = "markdown", precision: int = 2) -> str:
-    """Render a wide table as ``markdown``, ``latex`` (booktabs), ``html`` or ``csv``."""
-    if fmt == "markdown":
-        return _flat(table).to_markdown(index=False, floatfmt=f".{precision}f")
-    if fmt == "latex":
-        styler = table.style.format(precision=precision, na_rep="--")
-        return styler.to_latex(hrules=True, multicol_align="c", column_format="l" * table.index.nlevels + "r" * table.shape[1])
-    if fmt == "html":
-        return table.style.format(precision=precision, na_rep="--").to_html()
-    if fmt == "csv":
-        return _flat(table).to_csv(index=False, float_format=f"%.{precision}f")
-    raise ValueError(f"unknown table format {fmt!r}; choose markdown, latex, html or csv")
+    """Render a :func:`wide_table` as ``markdown``, ``latex`` (booktabs, escaped), ``html`` or ``csv``
+    through the one renderer, :func:`retrbench.utils.render.render`."""
+    return render_frame(display_table(table), fmt, precision=precision)
 
 
 @dataclass
@@ -157,12 +167,31 @@ class RunResult:
     rows: list[dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
     result: Any = None
+    query_ids: tuple[str, ...] = ()
+    database_ids: tuple[str, ...] = ()
+    query_ap: dict[str, Any] = field(default_factory=dict)
 
     @property
     def metrics(self) -> pd.DataFrame:
-        """Tidy DataFrame: dataset, protocol, split, metric, value."""
+        """Tidy DataFrame, one row per metric: the configuration columns (model, dataset,
+        pooling, whiten, rerank, ... and ``config_id``), ``protocol``, ``split``, ``metric`` and
+        ``value``, so ``pd.concat`` of several runs keeps which is which."""
         df = pd.DataFrame(self.rows)
-        return df[["dataset", "protocol", "split", "metric", "value"]]
+        first = [*RunConfig.__dataclass_fields__, "config_id", "protocol", "split", "metric", "value"]
+        cols = [c for c in first if c in df.columns]
+        return df[cols]
+
+    @property
+    def per_query(self) -> pd.DataFrame:
+        """Average precision of every query (percent), one row per query and split:
+        ``query`` (index in the ground truth), ``image`` (its id), ``split``, ``AP``;
+        ``NaN`` where a query has no positive in that split."""
+        rows = []
+        for split, aps in self.query_ap.items():
+            for i, ap in enumerate(aps):
+                image = self.query_ids[i] if i < len(self.query_ids) else None
+                rows.append({"query": i, "image": image, "split": split, "AP": 100.0 * float(ap)})
+        return pd.DataFrame(rows, columns=["query", "image", "split", "AP"])
 
     def table(self) -> pd.DataFrame:
         return wide_table(pd.DataFrame(self.rows))

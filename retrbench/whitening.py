@@ -15,6 +15,7 @@ from sklearn.decomposition import PCA
 from sklearn.exceptions import NotFittedError
 
 from .types import as_rows
+from .utils.linalg import l2_normalize
 
 __all__ = ["l2_normalize", "PCAWhitening", "postprocess"]
 
@@ -22,19 +23,24 @@ __all__ = ["l2_normalize", "PCAWhitening", "postprocess"]
 _BLOCK_ROWS = 16384
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of ``x`` divided by their L2 norm (``max(norm, eps)``; zero rows stay zero).
-
-    ``(N, D) -> (N, D)``, float32 / float64 kept (other floating types become float32); a new
-    array, ``x`` is not modified.
-    """
-    arr = np.asarray(x)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"l2_normalize: expected a 2-D floating (N, D) array, got {arr.dtype} {arr.shape}")
-    if arr.dtype not in (np.float32, np.float64):
-        arr = arr.astype(np.float32)
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    return arr / np.maximum(norms, eps).astype(arr.dtype)
+def _dimension_note(dim: int | None, keep: int, n: int, d: int, rank: int, eps: float) -> tuple[bool, str]:
+    """``(capped, note)``: whether ``dim`` exceeded the available components and why fewer than
+    requested (or than ``d``) are kept; ``rank`` counts components above ``eps`` x the largest."""
+    available = min(n - 1, d, rank)
+    reasons = []
+    if available == d:
+        reasons.append(f"the descriptors are {d}-dimensional")
+    else:
+        if n - 1 < d:
+            reasons.append(f"{n} centred training vectors span at most n - 1 = {n - 1} dimensions")
+        if rank < min(n - 1, d):
+            reasons.append(f"only {rank} components have variance above {eps:g} x the largest")
+    capped = dim is not None and int(dim) > available
+    if capped:
+        return True, f"whitening dim {dim} capped to {keep}: " + "; ".join(reasons)
+    if dim is None and keep < d:
+        return False, f"whitening keeps {keep} of {d} dims: " + "; ".join(reasons)
+    return False, ""
 
 
 class PCAWhitening:
@@ -93,21 +99,7 @@ class PCAWhitening:
         available = min(n - 1, d, rank)
         keep = available if self.dim is None else min(int(self.dim), available)
 
-        reasons = []
-        if available == d:
-            reasons.append(f"the descriptors are {d}-dimensional")
-        else:
-            if n - 1 < d:
-                reasons.append(f"{n} centred training vectors span at most n - 1 = {n - 1} dimensions")
-            if rank < min(n - 1, d):
-                reasons.append(f"only {rank} components have variance above {self.eps:g} x the largest")
-        self.capped_ = self.dim is not None and int(self.dim) > available
-        if self.capped_:
-            self.note_ = f"whitening dim {self.dim} capped to {keep}: " + "; ".join(reasons)
-        elif self.dim is None and keep < d:
-            self.note_ = f"whitening keeps {keep} of {d} dims: " + "; ".join(reasons)
-        else:
-            self.note_ = ""
+        self.capped_, self.note_ = _dimension_note(self.dim, keep, n, d, rank, self.eps)
 
         self.mean_ = np.asarray(pca.mean_, dtype=np.float64)
         self.explained_variance_ = var[:keep].copy()
@@ -115,7 +107,34 @@ class PCAWhitening:
         self.n_components_ = keep
         self.n_samples_ = n
         self.n_features_in_ = d
+        self.rank_ = rank
         return self
+
+    def truncate(self, dim: int) -> PCAWhitening:
+        """The whitening ``PCAWhitening(dim).fit(X)`` would give, from this one fitted on the
+        same ``X`` with more components (components are nested: no new eigendecomposition).
+
+        ``dim`` above the components kept here is capped, with the same ``capped_`` / ``note_``
+        as ``fit`` gives. Sweeps fit once with ``dim=None`` and truncate for each dimension.
+        """
+        if not hasattr(self, "projection_"):
+            raise NotFittedError("PCAWhitening is not fitted yet; call fit(X) first")
+        if isinstance(dim, bool) or int(dim) != dim or dim < 1:
+            raise ValueError(f"PCAWhitening.truncate: dim must be a positive integer, got {dim!r}")
+        keep = min(int(dim), self.n_components_)
+        available = min(self.n_samples_ - 1, self.n_features_in_, self.rank_)
+        if int(dim) > self.n_components_ and self.n_components_ < available:
+            raise ValueError(f"PCAWhitening.truncate: fitted with dim={self.dim}, cannot give {dim} components")
+        out = PCAWhitening(dim=dim, eps=self.eps)
+        out.mean_ = self.mean_
+        out.explained_variance_ = self.explained_variance_[:keep]
+        out.projection_ = self.projection_[:, :keep]
+        out.n_components_ = keep
+        out.n_samples_ = self.n_samples_
+        out.n_features_in_ = self.n_features_in_
+        out.rank_ = self.rank_
+        out.capped_, out.note_ = _dimension_note(dim, keep, self.n_samples_, self.n_features_in_, self.rank_, self.eps)
+        return out
 
     def transform(self, X: np.ndarray, normalize: bool = True) -> np.ndarray:
         """Whiten the rows of ``X``: ``(N, D) -> (N, d')`` float32, L2-normalised unless ``normalize=False``.

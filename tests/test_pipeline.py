@@ -68,7 +68,7 @@ def test_ensemble_concatenates_and_whitens(tiny_folder):
     both = rb.run(model="random+random", dataset=f"folder:{tiny_folder}", whiten=None, workers=0)
     assert single.rows[0]["dim"] == 512 and both.rows[0]["dim"] == 1024
     assert both.rows[0]["weights_sha256"] == "random-descriptors+random-descriptors"
-    with pytest.raises(ValueError, match="2 models but --weights gives 1"):
+    with pytest.raises(ValueError, match="2 models but weights 'a.pth' gives 1 files"):
         rb.run(model="random+random", weights="a.pth", dataset=f"folder:{tiny_folder}", workers=0)
 
 

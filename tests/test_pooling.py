@@ -166,7 +166,7 @@ def test_rmac_is_l2_normalised_and_batch_independent() -> None:
 
 
 def test_registry_specs() -> None:
-    assert POOLINGS.list() == ["gem", "mac", "rmac", "spoc"]
+    assert POOLINGS.list() == ["gem", "mac", "native", "rmac", "spoc"]
     assert POOLINGS.create("gem").spec == "gem(p=3.0)"
     assert POOLINGS.create("gem", p=4).spec == "gem(p=4.0)"
     assert POOLINGS.create("rmac").spec == "rmac(levels=3)"

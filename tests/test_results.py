@@ -37,9 +37,9 @@ def test_wide_table_orders_splits_and_renders():
     t = wide_table(df)
     assert list(t.columns.get_level_values("split")) == ["easy", "medium", "medium", "hard"]
     assert t.loc[("m2", "rmac", "512", "none"), ("demo", "hard", "mAP")] == 30.25
-    md = render(t, "markdown")
-    assert "| Easy mAP" in md.replace("|  ", "| ") or "Easy mAP" in md
-    assert "30.25" in md
+    md = render(t, "markdown").splitlines()
+    assert [c.strip() for c in md[0].strip("|").split("|")] == ["model", "pooling", "whiten", "rerank", "Easy mAP", "Medium mAP", "Medium mP@5", "Hard mAP"]
+    assert [c.strip() for c in md[3].strip("|").split("|")][-1] == "30.25"
     tex = render(t, "latex")
     assert tex.count("\\toprule") == 1 and "\\bottomrule" in tex and "\\midrule" in tex
     assert render(t, "csv").splitlines()[0].startswith("model,pooling,whiten,rerank")
@@ -54,3 +54,29 @@ def test_run_result_value_and_reprs():
     with pytest.raises(KeyError):
         res.value("mAP")
     json.dumps(res.rows)
+
+
+def test_metrics_keep_the_configuration_so_runs_concatenate():
+    a = RunResult(RunConfig(model="m1", pooling="gem"), rows("m1", "gem"))
+    b = RunResult(RunConfig(model="m2", pooling="rmac"), rows("m2", "rmac"))
+    both = pd.concat([a.metrics, b.metrics])
+    assert {"model", "pooling", "whiten", "rerank", "dataset", "split", "metric", "value"} <= set(both.columns)
+    assert both.groupby("model")["value"].count().to_dict() == {"m1": 4, "m2": 4}
+    assert set(both.loc[both.model == "m2", "pooling"]) == {"rmac"}
+
+
+def test_latex_escapes_names():
+    res = RunResult(RunConfig(model="efficientnet_lite0"), rows("efficientnet_lite0"))
+    tex = res.to_latex()
+    assert "efficientnet\\_lite0" in tex and "efficientnet_lite0" not in tex
+
+
+def test_per_query_table():
+    import numpy as np
+
+    res = RunResult(RunConfig(), rows(), query_ids=("q0", "q1"), query_ap={"easy": np.array([0.5, np.nan]), "hard": np.array([1.0, 0.25])})
+    pq = res.per_query
+    assert list(pq.columns) == ["query", "image", "split", "AP"] and len(pq) == 4
+    hard = pq[pq.split == "hard"].set_index("image")["AP"]
+    assert hard.to_dict() == {"q0": 100.0, "q1": 25.0}
+    assert pq[(pq.split == "easy") & (pq.image == "q1")]["AP"].isna().all()

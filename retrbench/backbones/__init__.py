@@ -1,7 +1,17 @@
-"""Backbones: registry entries that build a network returning its last-convolution feature map."""
+"""Backbones: networks that return their last-convolution feature map, built by one registry.
 
-from . import amdim, baseline, efficientnet, external, finetuned, resnet  # noqa: F401  (registers entries)
+``BACKBONES.create(name, weights=None, pretrained=True)`` builds a registry entry
+(``BACKBONES.list()``: ``resnet50``, ``simclr2x``, ``amdim``, ``gem_ap_r101`` ...) or a resolved
+name (``timm:NAME``, ``hf-hub:ORG/REPO``, ``hub:REPO:ENTRY``); a weights file given as the
+model is refused with a message saying to pass it as ``weights``.
+
+Adding a backbone: one module that registers its factory with a :class:`BackboneInfo`
+(``label``, ``order``, ``help``, channels, stride, normalisation, weights source) and one
+import line below; ``tests/backbones/test_registry.py`` then builds and runs it.
+"""
+
+from . import amdim, baseline, cirtorch, efficientnet, external, gem_ap, insclr, moco, resnet, simclr  # noqa: F401
 from .base import BACKBONES, Backbone, BackboneInfo, local_weights
-from .external import create_backbone
+from .native import NativeBackbone
 
-__all__ = ["BACKBONES", "Backbone", "BackboneInfo", "create_backbone", "local_weights"]
+__all__ = ["BACKBONES", "Backbone", "BackboneInfo", "NativeBackbone", "local_weights"]

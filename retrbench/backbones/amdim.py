@@ -53,13 +53,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BACKBONES, Backbone, BackboneInfo
-from .external import read_checkpoint
-from .weights import CheckpointError, remap_state_dict, resolve_weights, sha256_file, strict_load
+from ..utils.checkpoint import CheckpointError, read_checkpoint
+from ..utils.io import sha256_file
+from .base import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneInfo, refuse_weights_with_random, seeded
+from .weights import remap_state_dict, resolve_weights, strict_load
 
 __all__ = [
     "AMDIM",
@@ -76,8 +76,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _URL = "https://amdimmodels.blob.core.windows.net/amdim/"
 _LICENCE = "MIT (amdim-public repository, which publishes the weights without a separate licence)"
 
@@ -229,6 +227,11 @@ def trunk_size(side: int) -> int:
     return s - 4  # two 3x3 blocks
 
 
+def _rkhs_size(side: int) -> int:
+    """Cells of the rkhs map (layer 9) along an input side of ``side`` pixels."""
+    return trunk_size(side) - 2
+
+
 def config_from_state_dict(sd: Mapping[str, Tensor], hyperparams: Mapping[str, Any] | None = None) -> AMDIMConfig:
     """The encoder configuration implied by parameter shapes (prefix-stripped keys), checked against ``hyperparams``.
 
@@ -285,10 +288,13 @@ def load_amdim_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str
 
 
 AMDIM = BackboneInfo(
+    label="AmDim",
+    order=40,
+    help="AMDIM-Medium (Bachman et al. 2019): 2048-channel trunk map at stride 16 (signed values)",
     channels=2048,
     stride=16,
-    mean=_IMAGENET_MEAN,
-    std=_IMAGENET_STD,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
     default_size=1024,
     weights_source="AMDIM-Medium (ndf 256, n_rkhs 2048, depth 10), self-supervised on ImageNet-1k, amdim-public",
     weights_file="amdim_ndf256_rkhs2048_rd10.pth",
@@ -296,10 +302,14 @@ AMDIM = BackboneInfo(
     sha256=None,
     licence=_LICENCE,
     card="amdim.md",
+    feature_size=trunk_size,
 )
 
 AMDIM_LARGE = dataclasses.replace(
     AMDIM,
+    label="AmDim (large)",
+    order=41,
+    help="AMDIM-Large (ndf 320): 2560-channel trunk map at stride 16 (signed values)",
     channels=2560,
     weights_source="AMDIM-Large (ndf 320, n_rkhs 2560, depth 10), self-supervised on ImageNet-1k, amdim-public",
     weights_file="amdim_ndf320_rkhs2560_rd10.pth",
@@ -311,11 +321,8 @@ _NOMINAL = {"amdim": AMDIMConfig(256, 2048, 10), "amdim_large": AMDIMConfig(320,
 
 def _build(name: str, info: BackboneInfo, weights: str | Path | None, pretrained: bool, feature: Feature) -> Backbone:
     if not pretrained:
-        if weights is not None:
-            raise ValueError("weights= was given together with pretrained=False; pass one or the other")
-        with torch.random.fork_rng(devices=[]):  # the same random network every time ("random-init")
-            torch.manual_seed(0)
-            net = AMDIMEncoder(_NOMINAL[name], feature)
+        refuse_weights_with_random(weights)
+        net = seeded(lambda: AMDIMEncoder(_NOMINAL[name], feature))  # the same random network every time
         weights_id = "random-init"
     else:
         path = resolve_weights(info, weights)
@@ -328,7 +335,10 @@ def _build(name: str, info: BackboneInfo, weights: str | Path | None, pretrained
             logger.info("%s: %s holds an encoder with %s", name, path, cfg)
     net.requires_grad_(False)
     full_name = name if feature == "trunk" else f"{name}-rkhs"
-    info = dataclasses.replace(info, channels=net.channels)
+    if feature == "trunk":
+        info = dataclasses.replace(info, channels=net.channels)
+    else:
+        info = dataclasses.replace(info, channels=net.channels, feature_size=_rkhs_size, label=f"{info.label} rkhs")
     return Backbone(net, info, full_name, weights_id).eval()
 
 

@@ -1,22 +1,56 @@
-"""The backbone registry: every model gives its unpooled last-convolution feature map."""
+"""The backbone registry: every model gives its unpooled last-convolution feature map.
+
+:data:`BACKBONES` builds registry entries (``resnet50``, ``amdim``, ...) and, through the
+resolvers of :mod:`retrbench.backbones.external`, ``timm:NAME``, ``hf-hub:ORG/REPO`` and
+``hub:REPO:ENTRY``: ``BACKBONES.create(name, weights=..., pretrained=...)`` is the one builder.
+Each entry carries a :class:`BackboneInfo` (display label, table order, help line, feature-map
+geometry, input normalisation, where the weights come from), and so does each built
+:class:`Backbone` (``backbone.info``).
+
+Also here, for the entry modules: :func:`seeded` / :func:`new_network` (the same random
+network every time, or uninitialised memory to be loaded) and :func:`finish` (eval mode,
+gradients off).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ..registry import Registry
+from ..registry import EntryInfo, Registry
+from ..utils.paths import weights_cache_dir
 
-__all__ = ["BACKBONES", "BackboneInfo", "Backbone", "local_weights"]
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "BackboneInfo",
+    "finish",
+    "local_weights",
+    "new_network",
+    "refuse_weights_with_random",
+    "seeded",
+]
+
+T = TypeVar("T")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
-class BackboneInfo:
+class BackboneInfo(EntryInfo):
     """Metadata carried on a backbone registry entry (and on every built model).
+
+    Besides :class:`~retrbench.registry.EntryInfo`'s ``label`` (the paper's display name),
+    ``order`` (the paper's row order) and ``help`` (one CLI line):
 
     Attributes:
         channels: channels ``C`` of the feature map.
@@ -31,6 +65,9 @@ class BackboneInfo:
         card: path of the model card, relative to the repository's ``models/``.
         find_local: returns a local copy of the weights shipped outside the cache (e.g. inside
             an installed package), or None.
+        feature_size: cells of the feature map along an input side of ``n`` pixels, for maps
+            that are not ``ceil(n / stride)`` (unpadded convolutions, fixed-size maps); see
+            :meth:`map_side`.
     """
 
     channels: int
@@ -45,14 +82,20 @@ class BackboneInfo:
     licence: str = ""
     card: str = ""
     find_local: Callable[[], Path | None] | None = field(default=None, compare=False, repr=False)
+    feature_size: Callable[[int], int] | None = field(default=None, compare=False, repr=False)
+
+    def map_side(self, n: int) -> int:
+        """Cells of the feature map along an input side of ``n`` pixels (``ceil(n / stride)`` by default)."""
+        return self.feature_size(n) if self.feature_size is not None else math.ceil(n / self.stride)
 
 
 class Backbone(nn.Module):
     """A network wrapped to return its feature map.
 
     ``forward(x)`` takes a normalised ``(B, 3, H, W)`` batch and returns ``(B, C, H', W')``
-    with ``H' ~ H / stride``. ``weights_id`` is the sha256 of the weights file (or
-    ``"random-init"``) and keys the feature cache.
+    with ``H' = info.map_side(H)`` (about ``H / stride``). ``weights_id`` is the sha256 of the
+    weights file (or ``"random-init"``) and keys the feature cache; ``info.label`` is the name
+    written in result tables.
     """
 
     def __init__(self, net: nn.Module, info: BackboneInfo, name: str, weights_id: str) -> None:
@@ -68,8 +111,9 @@ class Backbone(nn.Module):
         return self.net(x)
 
 
-# Factories: ``factory(weights: str | Path | None = None, pretrained: bool = True) -> Backbone``.
-BACKBONES: Registry[Backbone] = Registry("backbone")
+# Entry factories: ``factory(weights: str | Path | None = None, pretrained: bool = True) -> Backbone``;
+# resolvers: ``factory(rest_of_the_name, weights=None, pretrained=True) -> Backbone``.
+BACKBONES: Registry[Backbone] = Registry("backbone", info_type=BackboneInfo)
 
 
 def local_weights(name: str) -> Path | None:
@@ -77,15 +121,52 @@ def local_weights(name: str) -> Path | None:
 
     Looks at the entry's own finder (weights shipped in a package) and the weights cache.
     """
-    from .weights import default_cache_dir
-
     info: BackboneInfo = BACKBONES.get(name).info
     if info.find_local is not None:
         found = info.find_local()
         if found is not None:
             return found
     if info.weights_file:
-        cached = default_cache_dir() / info.weights_file
+        cached = weights_cache_dir() / info.weights_file
         if cached.is_file():
             return cached
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+def seeded(make: Callable[[], T]) -> T:
+    """``make()`` with torch's CPU generator seeded to 0 (restored afterwards): the same random network every time."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return make()
+
+
+def new_network(make: Callable[[], nn.Module], *, pretrained: bool) -> nn.Module:
+    """Build a network: seeded random init (``pretrained=False``), or uninitialised CPU memory to be loaded.
+
+    With ``pretrained=True`` the module is built on the ``meta`` device and given empty CPU
+    storage (no random init: SimCLR 4x has 375M parameters); the caller then overwrites every
+    parameter and buffer (``weights.load_into`` guarantees it).
+    """
+    if not pretrained:
+        return seeded(make)
+    with torch.device("meta"):
+        net = make()
+    return net.to_empty(device="cpu")
+
+
+def refuse_weights_with_random(weights: Any) -> None:
+    """``ValueError`` when ``weights`` is given together with ``pretrained=False``."""
+    if weights is not None:
+        raise ValueError("weights= was given together with pretrained=False; pass one or the other")
+
+
+def finish(
+    net: nn.Module, info: BackboneInfo, name: str, weights_id: str, cls: type[Backbone] = Backbone, **kw: Any
+) -> Backbone:
+    """Wrap ``net`` as an eval-mode backbone (``cls``, given ``**kw``) with gradients off."""
+    net.requires_grad_(False)
+    return cls(net, info, name, weights_id, **kw).eval()

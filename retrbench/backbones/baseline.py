@@ -8,11 +8,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import BACKBONES, Backbone, BackboneInfo
+from .base import BACKBONES, Backbone, BackboneInfo, finish
 
 __all__ = ["RandomFeatures"]
 
+def _two_cells(side: int) -> int:
+    """The map is always 2x2, whatever the input size."""
+    return 2
+
+
 _INFO = BackboneInfo(
+    label="Random",
+    order=90,
+    help="chance-level baseline: pseudo-random descriptors seeded by the pixels (no weights)",
     channels=512,
     stride=1,
     mean=(0.0, 0.0, 0.0),
@@ -21,6 +29,7 @@ _INFO = BackboneInfo(
     weights_source="none: pseudo-random descriptors (chance level)",
     licence="n/a",
     card="random.md",
+    feature_size=_two_cells,
 )
 
 
@@ -49,4 +58,4 @@ def build_random(weights: str | Path | None = None, pretrained: bool = True) -> 
     """Chance-level baseline: pseudo-random descriptors (no weights)."""
     if weights is not None:
         raise ValueError("the 'random' baseline takes no weights")
-    return Backbone(RandomFeatures(_INFO.channels), _INFO, "random", "random-descriptors")
+    return finish(RandomFeatures(_INFO.channels), _INFO, "random", "random-descriptors")

@@ -3,7 +3,7 @@
 The retrieval paper runs each frozen model once over the evaluation images in training mode
 (forward only) before extracting in eval mode. :func:`recalibrate_bn` does that on given
 batches; :func:`recalibration_specs` picks the images; :func:`recalibrate_on_images` loads them
-with ``retrbench.extraction.load_image`` and calls :func:`recalibrate_bn`.
+with :func:`retrbench.utils.images.load_image` and calls :func:`recalibrate_bn`.
 
 What the statistics are. With ``momentum=None`` PyTorch keeps a cumulative average: after
 ``k`` batches ``running_mean`` is the mean of the ``k`` per-batch means and ``running_var`` the
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..extraction import ImageSpec, load_image, resolve_device
+from ..utils.device import resolve_device
+from ..utils.images import ImageSpec, load_image
 
 __all__ = ["batchnorm_layers", "recalibrate_bn", "recalibrate_on_images", "recalibration_specs"]
 
@@ -161,7 +162,7 @@ def recalibrate_on_images(
 ) -> nn.Module:
     """:func:`recalibrate_bn` over the images of ``specs``, decoded as extraction does.
 
-    Images are loaded with ``retrbench.extraction.load_image`` (``workers`` decoding processes),
+    Images are loaded with :func:`retrbench.utils.images.load_image` (``workers`` decoding processes),
     batched only with images of the same input size (``batch_size`` at most; the remainder of each
     size forms a smaller batch, which weighs as much as a full one in the cumulative average),
     scaled to [0, 1] and normalised with ``mean`` / ``std``. The backbone is moved to ``device``.

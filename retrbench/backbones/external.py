@@ -1,9 +1,7 @@
-"""Models outside the registry: ``timm:NAME``, ``hub:REPO:ENTRY``, and :func:`create_backbone`.
+"""Models outside the registry, built by :data:`~retrbench.backbones.BACKBONES` resolvers.
 
-:func:`create_backbone` is the one entry point that turns a ``--model`` string into a
-:class:`~retrbench.backbones.base.Backbone`:
+``BACKBONES.create(name, weights=..., pretrained=...)`` sends these names here:
 
-* a registry name (``efficientnet_lite0``, ``amdim``, ...): ``BACKBONES.create``;
 * ``timm:NAME`` (``timm:resnet50``, ``timm:convnext_tiny.fb_in1k``): ``timm.create_model(NAME,
   num_classes=0)``; weights from ``weights`` (a timm-style state dict as ``.pth`` / ``.pt`` /
   ``.bin`` / ``.safetensors``, flat or under ``state_dict`` / ``model`` / ``state_dict_ema``;
@@ -13,6 +11,13 @@
   the map is ``forward_features`` (``num_features`` channels, stride from ``feature_info``).
   Convolutional models only: a model whose ``forward_features`` gives tokens (ViT) is refused
   at its first forward; ``NHWC`` outputs (``output_fmt``) are permuted to ``NCHW``.
+* ``hf-hub:ORG/REPO`` (``hf-hub:timm/resnet50.a1_in1k``): a timm model published on the
+  Hugging Face Hub, ``timm.create_model("hf-hub:ORG/REPO", num_classes=0)``; everything else
+  as for ``timm:``. The architecture comes from the repository's ``config.json``, so even
+  ``pretrained=False`` or ``weights=`` read the Hub. Files are cached by ``huggingface_hub``
+  under its conventions (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+  ``~/.cache/huggingface/hub``); offline, a repository not in that cache fails with a message
+  saying how to fetch it elsewhere.
 * ``hub:REPO:ENTRY`` (``hub:pytorch/vision:v0.10.0:resnet50``, ``hub:/path/to/dir:my_net``):
   ``torch.hub.load(REPO, ENTRY)``, ``source='local'`` when REPO is a directory (its
   ``hubconf.py`` is executed: only name repositories you trust). The feature map is
@@ -28,8 +33,9 @@
   last-convolution map) and may need arbitrary unpickling. Name the architecture and pass the
   file as weights instead: ``--model timm:resnet50 --weights net.pth``.
 
-Backbone names are ``timm:NAME`` and ``hub:<repo>:ENTRY`` with ``<repo>`` the directory's base
-name or ``owner_repo_ref``, free of ``/``; the full origin is in ``weights_id``.
+Backbone names (and table labels) are ``timm:NAME``, ``hf-hub:ORG/REPO`` and
+``hub:<repo>:ENTRY`` with ``<repo>`` the directory's base name or ``owner_repo_ref``, free of
+``/``; the full origin is in ``weights_id``.
 """
 
 from __future__ import annotations
@@ -37,111 +43,29 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import BACKBONES, Backbone, BackboneInfo
-from .weights import CheckpointError, load_state_dict, remap_state_dict, sha256_file, strict_load
+from ..utils.checkpoint import NESTED_KEYS, read_state_dict
+from ..utils.io import sha256_file
+from .base import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneInfo, refuse_weights_with_random, seeded
+from .weights import strict_load
 
-__all__ = [
-    "HubFeatures",
-    "TimmFeatures",
-    "build_hub",
-    "build_timm",
-    "create_backbone",
-    "parse_hub_spec",
-    "read_checkpoint",
-    "read_weights",
-]
+__all__ = ["HubFeatures", "TimmFeatures", "build_hf_hub", "build_hub", "build_timm", "parse_hub_spec"]
 
 logger = logging.getLogger(__name__)
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _PROBE = 256  # side of the input used to measure a hub net's channels and stride
-_NESTED_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+_RESOLVED_ORDER = 1000  # resolved models sort after every registry entry in tables
 _FILE_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors", ".pkl", ".pickle", ".onnx", ".zip", ".jit")
 
 
-# --------------------------------------------------------------------------------------------
-# Reading weight files
-
-
-def read_checkpoint(path: str | Path) -> Any:
-    """The whole object of a PyTorch checkpoint, read once with ``torch.load(weights_only=True)`` on CPU.
-
-    For files whose state dict sits beside other entries (hyperparameters, epoch counters). A
-    file that fails to load is handed to :func:`~retrbench.backbones.weights.load_state_dict`,
-    which raises the same failure as a ``CheckpointError`` naming the cause (truncated, not a
-    checkpoint, needs arbitrary unpickling) or ``FileNotFoundError``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        load_state_dict(p)  # raises FileNotFoundError with the usual message
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
-        try:
-            load_state_dict(p)  # re-raises the failure with a clear message
-        except (CheckpointError, PermissionError):
-            raise
-        except OSError as e:  # e.g. "[Errno 22] Invalid argument" from a zip cut before its directory
-            raise CheckpointError(f"{p}: truncated or not a PyTorch checkpoint (OSError: {e})") from e
-        raise
-
-
-def _is_flat(obj: object) -> bool:
-    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
-
-
-def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """A flat state dict from a ``.safetensors`` file or a PyTorch checkpoint.
-
-    PyTorch files may hold the mapping at the top level or under one of ``state_dict``,
-    ``model``, ``state_dict_ema``, ``model_ema``; a ``module.`` prefix on every key (from
-    ``nn.DataParallel``) is stripped.
-
-    Raises:
-        FileNotFoundError, CheckpointError: missing, unreadable or wrongly structured file.
-    """
-    p = Path(path).expanduser()
-    if p.suffix == ".safetensors":
-        if not p.is_file():
-            raise FileNotFoundError(f"weights file not found: {p}")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            sd: Mapping[str, Tensor] = load_file(str(p), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{p}: truncated or not a safetensors file ({e})") from e
-    else:
-        obj = read_checkpoint(p)
-        if _is_flat(obj):
-            sd = obj
-        else:
-            nested = [k for k in _NESTED_KEYS if isinstance(obj, Mapping) and _is_flat(obj.get(k))]
-            if not nested:
-                found = f"keys {list(obj)[:10]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
-                raise CheckpointError(
-                    f"{p}: no state dict found: expected a flat mapping of names to tensors, at the top level or "
-                    f"under one of {list(_NESTED_KEYS)}; found {found}"
-                )
-            sd = obj[nested[0]]
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = remap_state_dict(sd, [(r"^module\.", "")])
-    return dict(sd)
-
-
-def _seeded(fn, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)`` with torch's CPU generator seeded to 0, restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return fn(*args, **kwargs)
+def _read_weights(path: str | Path) -> dict[str, Tensor]:
+    """A state dict for an architecture named elsewhere: flat or under :data:`NESTED_KEYS`, ``module.`` stripped."""
+    return read_state_dict(path, nested=NESTED_KEYS, strip="module.")
 
 
 def _check_map(y: Tensor, who: str, channels: int | None = None) -> Tensor:
@@ -154,8 +78,17 @@ def _check_map(y: Tensor, who: str, channels: int | None = None) -> Tensor:
     return y
 
 
+@torch.no_grad()
+def _probe(feats: nn.Module) -> tuple[int, int]:
+    """``(channels, stride)`` of ``feats.forward_features`` measured on one zero ``256x256`` input."""
+    param = next(iter(feats.parameters()), None)
+    dev = param.device if param is not None else torch.device("cpu")
+    y = feats.forward_features(torch.zeros(1, 3, _PROBE, _PROBE, device=dev))
+    return int(y.shape[1]), max(1, round(_PROBE / y.shape[-1]))
+
+
 # --------------------------------------------------------------------------------------------
-# timm
+# timm and hf-hub
 
 
 class TimmFeatures(nn.Module):
@@ -176,7 +109,7 @@ class TimmFeatures(nn.Module):
         y = self.model.forward_features(x)
         if self.nhwc and y.dim() == 4:
             y = y.permute(0, 3, 1, 2)
-        return _check_map(y, f"timm:{self.name}", self.channels)
+        return _check_map(y, self.name, self.channels)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -189,6 +122,76 @@ def _timm_classifier_patterns(model: nn.Module) -> tuple[str, ...]:
     return tuple(rf"^{re.escape(n)}\." for n in names)
 
 
+def _hf_hub_failure(repo: str, what: str, e: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"hf-hub:{repo}: could not fetch {what} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+        f"Hub files are cached by huggingface_hub ($HF_HUB_CACHE, else $HF_HOME/hub, else "
+        f"~/.cache/huggingface/hub). Without network access, fetch the repository on a machine that has it "
+        f"(hf download {repo}, or huggingface-cli download with older huggingface_hub) and copy that cache here (set HF_HUB_OFFLINE=1 to use it without "
+        f"trying the network), or name the architecture with timm:ARCH and pass the weights file with "
+        f"--weights PATH (weights=PATH in Python)."
+    )
+
+
+def _timm_backbone(model_id: str, name: str, weights: str | Path | None, pretrained: bool) -> Backbone:
+    """The backbone of ``timm.create_model(model_id, num_classes=0)`` named ``name`` (also its label)."""
+    import timm
+
+    hf_repo = model_id.removeprefix("hf-hub:") if model_id.startswith("hf-hub:") else None
+    if not pretrained:
+        refuse_weights_with_random(weights)
+    if weights is not None or not pretrained:
+        try:
+            model = seeded(lambda: timm.create_model(model_id, pretrained=False, num_classes=0))
+        except Exception as e:
+            if hf_repo is None:
+                raise
+            raise _hf_hub_failure(hf_repo, "the model's config.json", e) from e
+        if weights is not None:
+            path = Path(weights).expanduser()
+            strict_load(model, _read_weights(path), ignore=_timm_classifier_patterns(model))
+            weights_id = sha256_file(path)
+        else:
+            weights_id = "random-init"
+    else:
+        try:
+            model = timm.create_model(model_id, pretrained=True, num_classes=0)
+        except Exception as e:
+            if hf_repo is not None:
+                raise _hf_hub_failure(hf_repo, "the model's config and weights", e) from e
+            raise RuntimeError(
+                f"timm could not fetch the pretrained weights of {model_id!r} ({type(e).__name__}: {e}). "
+                f"Without network access, download them on another machine and pass the file with "
+                f"--weights PATH (weights=PATH in Python; a timm state dict as .pth or .safetensors), "
+                f"or use pretrained=False for a random network."
+            ) from e
+        cfg = model.pretrained_cfg or {}
+        weights_id = f"timm-pretrained:{cfg.get('hf_hub_id') or cfg.get('url') or model_id}:{cfg.get('tag') or ''}"
+    model.requires_grad_(False).eval()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    feature_info = getattr(model, "feature_info", None)
+    if feature_info:
+        stride = int(feature_info[-1]["reduction"])
+    else:
+        stride = _probe(TimmFeatures(model, name))[1]
+    source = "timm hf-hub" if hf_repo is not None else "timm"
+    info = BackboneInfo(
+        label=name,
+        order=_RESOLVED_ORDER,
+        help=f"{source} model {model_id.removeprefix('hf-hub:')}",
+        channels=int(model.num_features),
+        stride=stride,
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+        default_size=int(max(cfg.get("input_size", (3, 224, 224))[1:])),
+        weights_source=f"timm {model_id.removeprefix('hf-hub:')}"
+        + (f" ({cfg.get('hf_hub_id')})" if cfg.get("hf_hub_id") else ""),
+        licence=str(cfg.get("license", "")),
+    )
+    return Backbone(TimmFeatures(model, name), info, name, weights_id).eval()
+
+
+@BACKBONES.resolver("timm:", help="any convolutional timm model by name (timm.list_models()), e.g. timm:resnet50.a1_in1k")
 def build_timm(name: str, weights: str | Path | None = None, pretrained: bool = True) -> Backbone:
     """``timm:NAME`` as a backbone returning ``forward_features``.
 
@@ -208,45 +211,26 @@ def build_timm(name: str, weights: str | Path | None = None, pretrained: bool = 
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(repr('timm:' + c) for c in close)}?" if close else ""
         raise KeyError(f"unknown timm model {name!r}{hint} (see timm.list_models())")
-    if weights is not None and not pretrained:
-        raise ValueError("weights= was given together with pretrained=False; pass one or the other")
-    if weights is not None or not pretrained:
-        model = _seeded(timm.create_model, name, pretrained=False, num_classes=0)
-        if weights is not None:
-            path = Path(weights).expanduser()
-            strict_load(model, read_weights(path), ignore=_timm_classifier_patterns(model))
-            weights_id = sha256_file(path)
-        else:
-            weights_id = "random-init"
-    else:
-        try:
-            model = timm.create_model(name, pretrained=True, num_classes=0)
-        except Exception as e:
-            raise RuntimeError(
-                f"timm could not fetch the pretrained weights of {name!r} ({type(e).__name__}: {e}). "
-                f"Without network access, download them on another machine and pass the file with "
-                f"--weights PATH (weights=PATH in Python; a timm state dict as .pth or .safetensors), "
-                f"or use pretrained=False for a random network."
-            ) from e
-        cfg = model.pretrained_cfg or {}
-        weights_id = f"timm-pretrained:{cfg.get('hf_hub_id') or cfg.get('url') or name}:{cfg.get('tag') or ''}"
-    model.requires_grad_(False).eval()
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    feature_info = getattr(model, "feature_info", None)
-    if feature_info:
-        stride = int(feature_info[-1]["reduction"])
-    else:
-        stride = _probe(TimmFeatures(model, name))[1]
-    info = BackboneInfo(
-        channels=int(model.num_features),
-        stride=stride,
-        mean=tuple(cfg.get("mean", _IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", _IMAGENET_STD)),
-        default_size=int(max(cfg.get("input_size", (3, 224, 224))[1:])),
-        weights_source=f"timm {name}" + (f" ({cfg.get('hf_hub_id')})" if cfg.get("hf_hub_id") else ""),
-        licence=str(cfg.get("license", "")),
-    )
-    return Backbone(TimmFeatures(model, name), info, f"timm:{name}", weights_id).eval()
+    return _timm_backbone(name, f"timm:{name}", weights, pretrained)
+
+
+@BACKBONES.resolver("hf-hub:", help="a timm model on the Hugging Face Hub, e.g. hf-hub:timm/resnet50.a1_in1k")
+def build_hf_hub(repo: str, weights: str | Path | None = None, pretrained: bool = True) -> Backbone:
+    """``hf-hub:ORG/REPO``: a timm model published on the Hugging Face Hub, as for ``timm:`` otherwise.
+
+    Args:
+        repo: ``ORG/REPO`` (optionally ``@revision``), a repository holding a timm ``config.json``.
+        weights, pretrained: as for :func:`build_timm`; the config is read from the Hub (or its
+            cache) in every case.
+
+    Raises:
+        ValueError: ``repo`` is not ``ORG/REPO``.
+        RuntimeError: the Hub could not be reached and the repository is not cached; the message
+            says how to fetch it on another machine or to use ``timm:ARCH --weights FILE``.
+    """
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"hf-hub model {repo!r}: expected hf-hub:ORG/REPO, e.g. hf-hub:timm/resnet50.a1_in1k")
+    return _timm_backbone(f"hf-hub:{repo}", f"hf-hub:{repo}", weights, pretrained)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,8 +327,8 @@ def build_hub(repo: str, entry: str, weights: str | Path | None = None, pretrain
         pretrained: passed to the entry (``pretrained=`` or torchvision's ``weights=``);
             False gives a network built under a fixed seed.
     """
-    if weights is not None and not pretrained:
-        raise ValueError("weights= was given together with pretrained=False; pass one or the other")
+    if not pretrained:
+        refuse_weights_with_random(weights)
     local = Path(repo).expanduser().is_dir()
     if not local and (repo.startswith(("/", ".", "~")) or "\\" in repo):
         raise FileNotFoundError(f"hub repository directory not found: {repo}")
@@ -353,7 +337,7 @@ def build_hub(repo: str, entry: str, weights: str | Path | None = None, pretrain
     want = pretrained and weights is None
     candidates = [{"pretrained": want}, {"weights": "DEFAULT" if want else None}, {}]
     try:
-        net = _seeded(_hub_call, repo_arg, entry, source, candidates)
+        net = seeded(lambda: _hub_call(repo_arg, entry, source, candidates))
     except (OSError, RuntimeError) as e:
         if local:
             raise
@@ -366,7 +350,7 @@ def build_hub(repo: str, entry: str, weights: str | Path | None = None, pretrain
     origin = f"hub:{repo_arg}:{entry}"
     if weights is not None:
         path = Path(weights).expanduser()
-        strict_load(net, read_weights(path))
+        strict_load(net, _read_weights(path))
         weights_id = sha256_file(path)
     else:
         weights_id = f"{'hub-pretrained' if pretrained else 'random-init'}:{origin}"
@@ -376,64 +360,44 @@ def build_hub(repo: str, entry: str, weights: str | Path | None = None, pretrain
     channels, stride = _probe(feats)
     cfg = getattr(net, "pretrained_cfg", None) or {}
     info = BackboneInfo(
+        label=label,
+        order=_RESOLVED_ORDER,
+        help=f"torch.hub entry {entry} of {repo}",
         channels=channels,
         stride=stride,
-        mean=tuple(cfg.get("mean", _IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", _IMAGENET_STD)),
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
         default_size=1024,
         weights_source=origin,
     )
     return Backbone(feats, info, label, weights_id).eval()
 
 
-@torch.no_grad()
-def _probe(feats: nn.Module) -> tuple[int, int]:
-    """``(channels, stride)`` of ``feats.forward_features`` measured on one zero ``256x256`` input."""
-    param = next(iter(feats.parameters()), None)
-    dev = param.device if param is not None else torch.device("cpu")
-    y = feats.forward_features(torch.zeros(1, 3, _PROBE, _PROBE, device=dev))
-    return int(y.shape[1]), max(1, round(_PROBE / y.shape[-1]))
+@BACKBONES.resolver("hub:", help="a torch.hub entry point: hub:OWNER/REPO[:REF]:ENTRY or hub:/local/dir:ENTRY")
+def build_hub_spec(spec: str, weights: str | Path | None = None, pretrained: bool = True) -> Backbone:
+    """``hub:REPO:ENTRY`` (``spec`` is ``REPO:ENTRY``): see :func:`build_hub`."""
+    repo, entry = parse_hub_spec(spec)
+    return build_hub(repo, entry, weights, pretrained)
 
 
 # --------------------------------------------------------------------------------------------
-# Dispatch
+# Files are not models
 
 
 def _looks_like_file(spec: str) -> bool:
     return spec.lower().endswith(_FILE_SUFFIXES) or Path(spec).expanduser().is_file()
 
 
-def create_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True) -> Backbone:
-    """Build the backbone named by a ``--model`` string.
-
-    ``name`` is a registry name or alias (``BACKBONES.list()``), ``timm:NAME`` or
-    ``hub:REPO:ENTRY``; ``weights`` overrides where the weights come from; ``pretrained=False``
-    gives a seeded random network. The result is in eval mode with gradients off.
-
-    Raises:
-        KeyError: unknown registry or timm name (closest names suggested).
-        ValueError: a file path or an unknown ``prefix:`` (the message says what to write instead).
-    """
-    spec = name.strip()
-    prefix, sep, rest = spec.partition(":")
-    if sep and prefix.lower() == "timm":
-        return build_timm(rest, weights, pretrained)
-    if sep and prefix.lower() == "hub":
-        repo, entry = parse_hub_spec(rest)
-        return build_hub(repo, entry, weights, pretrained)
-    if spec in BACKBONES:
-        return BACKBONES.create(spec, weights=weights, pretrained=pretrained)
-    if _looks_like_file(spec):
-        raise ValueError(
-            f"--model {spec!r} is a file: a weights file does not say which architecture it belongs to "
-            f"(a state dict holds only tensors; a pickled or TorchScript model runs only whole, giving "
-            f"logits rather than its last-convolution map). Name the architecture and pass the file as "
-            f"weights, e.g. --model timm:resnet50 --weights {spec} (or a registry name such as "
-            f"'resnet50', or hub:REPO:ENTRY)."
-        )
-    if sep:
-        raise ValueError(
-            f"unknown model source {prefix!r} in {spec!r}: use a registry name "
-            f"({', '.join(BACKBONES.list())}), timm:NAME or hub:REPO:ENTRY"
-        )
-    return BACKBONES.create(spec, weights=weights, pretrained=pretrained)
+@BACKBONES.resolver(
+    match=_looks_like_file,
+    help="a weights file (net.pth) is not a model: name the architecture and pass the file with --weights",
+)
+def refuse_file(spec: str, **_: Any) -> Backbone:
+    """A ``--model`` that is a file: refused with what to write instead (always raises ``ValueError``)."""
+    raise ValueError(
+        f"--model {spec!r} is a file: a weights file does not say which architecture it belongs to "
+        f"(a state dict holds only tensors; a pickled or TorchScript model runs only whole, giving "
+        f"logits rather than its last-convolution map). Name the architecture and pass the file as "
+        f"weights, e.g. --model timm:resnet50 --weights {spec} (or a registry name such as "
+        f"'resnet50', or hub:REPO:ENTRY)."
+    )

@@ -1,79 +1,57 @@
-"""Checkpoint utilities shared by every backbone: find, download, verify, read and load weights.
+"""Backbone weights: find, download and verify a weights file, rename its keys, load it with every key accounted for.
 
-The path of a weights file is resolved once (:func:`resolve_weights`), read safely
-(:func:`load_state_dict`, ``weights_only=True``), renamed to the target architecture's
-parameter names (:func:`remap_state_dict`) and loaded with every key accounted for
-(:func:`strict_load`). :func:`sha256_file` of the file used becomes the backbone's
-``weights_id``, which keys the feature cache.
+Reading a file is :mod:`retrbench.utils.checkpoint` (``torch.load(weights_only=True)``, shared
+with the training code); hashing and downloading are :mod:`retrbench.utils.io`. What is
+specific to backbones is here: where an entry's file is (:func:`resolve_weights`: an explicit
+path, the weights cache ``retrbench.utils.paths.weights_cache_dir()``, or a verified download),
+the published digest prefixes of files upstream publishes no full checksum for
+(:func:`verify_published_digest`), renaming to the target architecture's parameter names
+(:func:`remap_state_dict`) and strict loading (:func:`strict_load`, :func:`load_into`).
 
 Example::
 
     path = resolve_weights(info, weights)            # explicit path, cache, or download
-    sd = remap_state_dict(load_state_dict(path), [(r"^module\\.", "")])
+    sd = remap_state_dict(read_state_dict(path), [(r"^module\\.", "")])
     strict_load(net, sd, ignore=(r"^classifier\\.",))
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
-import logging
-import os
-import pickle
 import re
-import sys
-import urllib.error
 import urllib.parse
-import urllib.request
-import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..utils.checkpoint import CheckpointError
+from ..utils.io import download, sha256_file
+from ..utils.paths import weights_cache_dir
 from .base import BackboneInfo
 
 __all__ = [
-    "CheckpointError",
-    "default_cache_dir",
-    "download",
-    "load_state_dict",
+    "PUBLISHED_DIGEST_PREFIX",
+    "load_into",
     "remap_state_dict",
     "resolve_weights",
-    "sha256_file",
     "strict_load",
+    "verify_published_digest",
 ]
 
-logger = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20  # 1 MiB
 _SHOW = 10  # keys listed per category in strict_load errors
-_sha_memo: dict[tuple[str, int, int], str] = {}
 
-
-class CheckpointError(ValueError):
-    """A weights file that exists but cannot be used (corrupt, unsafe or wrongly structured)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks.
-
-    Memoised in-process on ``(resolved path, size, mtime_ns)``, so rebuilding a backbone
-    does not hash its weights again unless the file changed.
-    """
-    p = Path(path).resolve()
-    st = p.stat()
-    memo_key = (str(p), st.st_size, st.st_mtime_ns)
-    if memo_key in _sha_memo:
-        return _sha_memo[memo_key]
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    digest = h.hexdigest()
-    _sha_memo[memo_key] = digest
-    return digest
+# Checksums that upstream publishes only in part: torchvision's file names embed the first 8 hex
+# digits of the sha256 (torch.hub checks them the same way); the MoCo README lists an md5 prefix.
+PUBLISHED_DIGEST_PREFIX: dict[str, tuple[str, str]] = {
+    "resnet50-0676ba61.pth": ("sha256", "0676ba61"),
+    "resnet50-19c8e357.pth": ("sha256", "19c8e357"),
+    "moco_v1_200ep_pretrain.pth.tar": ("md5", "b251726a"),
+    "moco_v2_200ep_pretrain.pth.tar": ("md5", "59fd9945"),
+    "moco_v2_800ep_pretrain.pth.tar": ("md5", "a04e12f8"),
+}
+"""Published file name -> (hash algorithm, published prefix of its hex digest)."""
 
 
 def _keys_preview(keys: Iterable[object], n: int = _SHOW) -> str:
@@ -82,65 +60,87 @@ def _keys_preview(keys: Iterable[object], n: int = _SHOW) -> str:
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_state_dict(path: str | Path, *, key: str | None = None) -> dict[str, Tensor]:
-    """Read a flat ``{name: tensor}`` state dict with ``torch.load(weights_only=True)`` on CPU.
+# --------------------------------------------------------------------------------------------
+# Finding the file
 
-    Args:
-        path: checkpoint file.
-        key: top-level entry holding the state dict (e.g. ``"state_dict"`` or ``"model"``);
-            None: the file itself must be the flat mapping.
+
+def resolve_weights(
+    info: BackboneInfo,
+    weights: str | Path | None,
+    *,
+    cache_dir: Path | None = None,
+    how_to_get: str = "",
+    alternatives: Sequence[str] = (),
+) -> Path:
+    """Path of the weights file to load for a backbone.
+
+    Order: the explicit ``weights`` path (must exist); ``<cache_dir>/<name>`` for each of
+    ``alternatives`` (other published file names); ``<cache_dir>/<info.weights_file>``; a
+    download of ``info.url`` into the cache (verified against ``info.sha256``). ``cache_dir``
+    defaults to :func:`retrbench.utils.paths.weights_cache_dir`.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is truncated or not a PyTorch checkpoint; it needs arbitrary
-            unpickling (the refused global is named); or its structure is not a flat mapping of
-            names to tensors (the expected and found keys are named).
+        FileNotFoundError: ``weights`` does not exist, or there is no cached file and no URL
+            (the message says where it looked, how to pass ``--weights`` and ``how_to_get``).
+    """
+    if weights is not None:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"weights file not found: {p}")
+        return p
+    root = Path(cache_dir) if cache_dir is not None else weights_cache_dir()
+    for name in alternatives:
+        if (root / name).is_file():
+            return root / name
+    cached = root / info.weights_file if info.weights_file else None
+    if cached is not None and cached.is_file():
+        return cached
+    if info.url:
+        name = info.weights_file or Path(urllib.parse.urlparse(info.url).path).name
+        return download(info.url, root / name, sha256=info.sha256)
+    looked = f"looked for {cached}" if cached is not None else f"no file name is known to look for in {root}"
+    source = f" ({info.weights_source})" if info.weights_source else ""
+    raise FileNotFoundError(
+        f"no weights available for this backbone{source}: {looked}, and no download URL is published. "
+        f"Put the file there, set RETRBENCH_CACHE, or pass its path with --weights PATH (weights=PATH in Python)."
+        + (f"\n  {how_to_get}" if how_to_get else "")
+    )
+
+
+def _hexdigest(path: Path, algo: str) -> str:
+    if algo == "sha256":
+        return sha256_file(path)
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_published_digest(path: str | Path) -> None:
+    """Check a file named as a published checkpoint against the digest prefix upstream publishes.
+
+    Only files whose name is in :data:`PUBLISHED_DIGEST_PREFIX` are checked; a mismatch means a
+    corrupt or partial download, or another file under the published name.
+
+    Raises:
+        CheckpointError: naming the expected prefix and the actual digest.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file not found: {p}" + (" (it is a directory)" if p.is_dir() else ""))
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        msg = str(e)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg)
-        if found:
-            raise CheckpointError(
-                f"{p}: refused by torch.load(weights_only=True): the file needs arbitrary unpickling "
-                f"(it asks for the global {found.group(1)}). Re-save it as a plain state dict of tensors "
-                f"(torch.save(model.state_dict(), ...)) from a trusted environment."
-            ) from e
-        if "Weights only load failed" in msg:
-            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", msg, re.S)
-            reason = detail.group(1).strip() if detail else "unsupported pickle content"
-            raise CheckpointError(
-                f"{p}: truncated or not a PyTorch checkpoint (torch.load(weights_only=True) refused it: {reason})"
-            ) from e
-        raise CheckpointError(f"{p}: truncated or not a PyTorch checkpoint ({msg})") from e
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, AttributeError, IndexError) as e:
-        raise CheckpointError(f"{p}: truncated or not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
-
-    if key is not None:
-        if not isinstance(obj, Mapping) or key not in obj:
-            found_keys = list(obj) if isinstance(obj, Mapping) else f"a {type(obj).__name__}, not a mapping"
-            raise CheckpointError(f"{p}: expected the top-level key {key!r}; found {_fmt_found(found_keys)}")
-        obj = obj[key]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{p}: expected a mapping of parameter names to tensors; found a {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
-    if bad:
-        nested = [k for k in obj if isinstance(obj[k], Mapping)]
-        hint = f"; pass key= one of {nested!r} if it holds the weights" if nested and key is None else ""
-        where = f"under {key!r}" if key is not None else "at the top level"
+    if p.name not in PUBLISHED_DIGEST_PREFIX:
+        return
+    algo, prefix = PUBLISHED_DIGEST_PREFIX[p.name]
+    digest = _hexdigest(p, algo)
+    if not digest.startswith(prefix):
         raise CheckpointError(
-            f"{p}: expected a flat mapping of parameter names to tensors {where}; found keys "
-            f"{_keys_preview(obj)} of which {len(bad)} are not str -> tensor ({_keys_preview(bad, 5)}){hint}"
+            f"{p}: not the published {p.name}: its {algo} is {digest}, but the published one starts with "
+            f"{prefix}. A corrupt or partial download? Delete the file and try again (or rename it if it is "
+            f"your own checkpoint)."
         )
-    return dict(obj)
 
 
-def _fmt_found(found: object) -> str:
-    return f"keys {_keys_preview(found)}" if isinstance(found, list) else str(found)
+# --------------------------------------------------------------------------------------------
+# Renaming and loading
 
 
 def remap_state_dict(sd: Mapping[str, Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, Tensor]:
@@ -210,114 +210,24 @@ def strict_load(module: nn.Module, sd: Mapping[str, Tensor], *, ignore: tuple[st
     assert not result.unexpected_keys and all(ignored(k) for k in result.missing_keys), result
 
 
-def default_cache_dir() -> Path:
-    """``$RETRBENCH_CACHE/weights`` if that is set, else torch hub's ``<hub dir>/checkpoints``."""
-    env = os.environ.get("RETRBENCH_CACHE")
-    if env:
-        return Path(env).expanduser() / "weights"
-    return Path(torch.hub.get_dir()) / "checkpoints"
+def load_into(
+    net: nn.Module, sd: Mapping[str, Tensor], path: str | Path, *, ignore: tuple[str, ...] = (), hint: str = ""
+) -> None:
+    """:func:`strict_load` with BatchNorm counters filled in and errors naming the file.
 
-
-def download(url: str, dest: str | Path, sha256: str | None = None, progress: bool = True) -> Path:
-    """Download ``url`` to ``dest`` via ``dest.part``, resuming an existing part file.
-
-    The part file is continued with an HTTP ``Range`` request (restarted if the server ignores it),
-    checked against ``sha256`` when given, and only then renamed atomically to ``dest``. A wrong
-    checksum deletes the part file and raises ``ValueError`` naming both hashes; an interrupted
-    transfer keeps the part file for the next call. The progress bar is shown only on a terminal.
-
-    Returns:
-        ``dest`` as a Path.
-    """
-    from tqdm.auto import tqdm
-
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    start = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"User-Agent": "retrbench"})
-    if start:
-        req.add_header("Range", f"bytes={start}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code != 416 or not start:
-            raise
-        # Range not satisfiable: the part file is complete or longer than the file; start over.
-        logger.warning("server refused to resume %s from byte %d; downloading again", url, start)
-        part.unlink()
-        return download(url, dest, sha256=sha256, progress=progress)
-    with resp:
-        resumed = bool(start) and getattr(resp, "status", None) == 206
-        if start and not resumed:
-            logger.info("server ignored the Range request for %s; downloading from the start", url)
-            start = 0
-        length = resp.headers.get("Content-Length")
-        total = int(length) + start if length is not None else None
-        logger.info("downloading %s to %s%s", url, dest, f" (resuming at byte {start})" if start else "")
-        received = start
-        show = progress and sys.stderr.isatty()
-        with (
-            open(part, "ab" if resumed else "wb") as f,
-            tqdm(
-                total=total,
-                initial=start,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=dest.name,
-                disable=not show,
-            ) as bar,
-        ):
-            try:
-                while chunk := resp.read(_CHUNK):
-                    f.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            except (http.client.IncompleteRead, OSError) as e:
-                f.write(getattr(e, "partial", b""))
-                received += len(getattr(e, "partial", b""))
-                raise OSError(f"download of {url} interrupted at byte {received}; {part} is kept to resume") from e
-    if total is not None and received < total:
-        raise OSError(f"download of {url} interrupted at byte {received} of {total}; {part} is kept to resume")
-    if sha256 is not None:
-        actual = sha256_file(part)
-        if actual.lower() != sha256.lower():
-            part.unlink()
-            raise ValueError(
-                f"checksum mismatch for {url}: expected sha256 {sha256.lower()}, got {actual}; "
-                f"the download was deleted and not used"
-            )
-    os.replace(part, dest)
-    return dest
-
-
-def resolve_weights(info: BackboneInfo, weights: str | Path | None, *, cache_dir: Path | None = None) -> Path:
-    """Path of the weights file to load for a backbone.
-
-    Order: the explicit ``weights`` path (must exist); ``<cache_dir>/<info.weights_file>``;
-    a download of ``info.url`` into the cache (verified against ``info.sha256``).
-    ``cache_dir`` defaults to :func:`default_cache_dir`.
+    Checkpoints saved before PyTorch 0.4.1 (e.g. torchvision's ``resnet50-19c8e357.pth``) have
+    no ``num_batches_tracked`` buffers; those absent are set to 0 (they only matter for BatchNorm
+    in training mode with ``momentum=None``). Every other key must match in name and shape,
+    except the checkpoint-side keys matched by ``ignore``.
 
     Raises:
-        FileNotFoundError: ``weights`` does not exist, or there is no cached file and no URL
-            (the message says where it looked and how to pass ``--weights``).
+        CheckpointError: listing missing, unexpected and reshaped keys, followed by ``hint``.
     """
-    if weights is not None:
-        p = Path(weights).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"weights file not found: {p}")
-        return p
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cached = root / info.weights_file if info.weights_file else None
-    if cached is not None and cached.is_file():
-        return cached
-    if info.url:
-        name = info.weights_file or Path(urllib.parse.urlparse(info.url).path).name
-        return download(info.url, root / name, sha256=info.sha256)
-    looked = f"looked for {cached}" if cached is not None else f"no file name is known to look for in {root}"
-    source = f" ({info.weights_source})" if info.weights_source else ""
-    raise FileNotFoundError(
-        f"no weights available for this backbone{source}: {looked}, and no download URL is published. "
-        f"Put the file there, set RETRBENCH_CACHE, or pass its path with --weights PATH (weights=PATH in Python)."
-    )
+    sd = dict(sd)
+    for k, v in net.state_dict().items():
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = torch.zeros((), dtype=v.dtype)
+    try:
+        strict_load(net, sd, ignore=ignore)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}" + (f"\n  {hint}" if hint else "")) from e

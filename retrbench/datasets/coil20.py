@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..types import Query, RetrievalDataset
-from .base import DATASETS, DatasetInfo, default_data_root
+from ._common import preview, resolve_data_root
+from .base import DATASETS, DatasetInfo
 
 __all__ = ["load_coil20", "COIL20_VIEWS"]
 
@@ -43,11 +44,11 @@ def load_coil20(data_root: str | Path | None = None, *, allow_missing: bool = Fa
     """COIL-20 from ``<data_root>/coil20/``; each view queries all images, its other views are positives.
 
     Args:
-        data_root: folder holding ``coil20/``; default :func:`default_data_root`.
+        data_root: folder holding ``coil20/``; default :func:`~retrbench.utils.paths.default_data_root`.
         allow_missing: accept objects with fewer than 72 views (their queries then have fewer
             positives) instead of raising; the count goes in notes.
     """
-    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    root = resolve_data_root(data_root)
     img_dir, found = _image_dir(root)
     objects = sorted({o for o, _ in found})
     bad = sorted(v for _, v in found if not 0 <= v < COIL20_VIEWS)
@@ -55,7 +56,7 @@ def load_coil20(data_root: str | Path | None = None, *, allow_missing: bool = Fa
         raise ValueError(f"coil20: view numbers must be 0..{COIL20_VIEWS - 1}; {img_dir} has {bad[:5]}")
     missing = [f"obj{o}__{v}.png" for o in objects for v in range(COIL20_VIEWS) if (o, v) not in found]
     if missing and not allow_missing:
-        first = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        first = preview(missing)
         raise FileNotFoundError(
             f"coil20: {len(missing)} views missing in {img_dir} for its {len(objects)} objects (first: {first}); "
             f"every object needs views 0..{COIL20_VIEWS - 1} (layout {_LAYOUT}). Pass allow_missing=True to accept."
@@ -84,7 +85,14 @@ def load_coil20(data_root: str | Path | None = None, *, allow_missing: bool = Fa
 @DATASETS.register(
     "coil20",
     aliases=("coil-20",),
-    info=DatasetInfo("map", "coil20/obj<o>__<v>.png (or coil-20-proc/)", "COIL-20: 20 objects x 72 views, mAP", image_size=128),  # native 128x128
+    info=DatasetInfo(
+        "map",
+        "coil20/obj<o>__<v>.png (or coil-20-proc/)",
+        label="COIL-20",
+        order=90,
+        help="COIL-20: 20 objects x 72 views, mAP",
+        image_size=128,  # native 128x128
+    ),
 )
 def coil20(data_root: str | Path | None = None, *, allow_missing: bool = False) -> RetrievalDataset:
     """COIL-20: each of the 1440 views queries all images; other views of its object are positives."""

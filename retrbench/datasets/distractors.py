@@ -26,9 +26,9 @@ import os
 from pathlib import Path
 
 from ..types import Query, RetrievalDataset
+from ._common import existing_files, md5_file, preview, resolve_data_root
 from .base import DATASETS, DatasetInfo
-from .folder import existing_files
-from .oxford import _SHOW, _data_root, _md5, load_revisited
+from .oxford import load_revisited
 
 __all__ = ["load_with_distractors", "read_distractor_list", "REVISITOP1M_SIZE"]
 
@@ -63,7 +63,7 @@ def load_with_distractors(
 
     Args:
         base: the revisited dataset.
-        data_root: folder holding ``<base>/`` and ``revisitop1m/``; default :func:`default_data_root`.
+        data_root: folder holding ``<base>/`` and ``revisitop1m/``; default :func:`~retrbench.utils.paths.default_data_root`.
         max_distractors: keep only the first ``N`` listed distractors (``None``: all).
         allow_missing: drop absent base images (as :func:`load_revisited`) and absent
             distractors instead of raising; the counts go in notes.
@@ -71,7 +71,7 @@ def load_with_distractors(
     """
     if max_distractors is not None and (int(max_distractors) != max_distractors or max_distractors < 0):
         raise ValueError(f"{base}+1m: max_distractors must be a non-negative integer or None, got {max_distractors!r}")
-    root = _data_root(data_root)
+    root = resolve_data_root(data_root)
     list_path = root / "revisitop1m" / _LIST
     if not list_path.is_file():
         raise FileNotFoundError(f"{base}+1m: distractor list {list_path} not found; expected {_LAYOUT}")
@@ -87,7 +87,7 @@ def load_with_distractors(
         missing = [p for p, k in zip(chosen, present, strict=True) if not k]
         n_missing = len(missing)
         if missing and not allow_missing:
-            first = ", ".join(missing[:_SHOW]) + (", ..." if len(missing) > _SHOW else "")
+            first = preview(missing)
             raise FileNotFoundError(
                 f"{base}+1m: {len(missing)} of {len(chosen)} distractors are missing under {jpg_dir} (first: {first}); "
                 f"expected layout: {_LAYOUT}. Pass allow_missing=True to drop them, max_distractors=N for a "
@@ -108,7 +108,7 @@ def load_with_distractors(
     full = "" if len(listed) == REVISITOP1M_SIZE else f" (the full R1M list has {REVISITOP1M_SIZE})"
     notes["distractors"] = (
         f"revisitop 1M (Radenovic et al. 2018): {subset} of the {len(listed)} listed{full}, "
-        f"{_LIST} md5 {_md5(list_path)}"
+        f"{_LIST} md5 {md5_file(list_path)}"
     )
     notes["images"] = f"{n_base + len(kept)} database images: {n_base} {base} + {len(kept)} distractors"
     notes["image_order"] = f"{base} images in gnd imlist order, then the distractors in {_LIST} order"
@@ -126,7 +126,9 @@ def load_with_distractors(
     info=DatasetInfo(
         "revisited",
         "roxford5k/ (as roxford5k) + revisitop1m/revisitop1m.txt + revisitop1m/jpg/<path>",
-        "Revisited Oxford + 1M distractors: 4993 + 1,001,001 images, 70 cropped queries",
+        label="rOxford 5k+1M",
+        order=60,
+        help="Revisited Oxford + 1M distractors: 4993 + 1,001,001 images, 70 cropped queries",
     ),
 )
 def roxford5k_1m(
@@ -148,7 +150,9 @@ def roxford5k_1m(
     info=DatasetInfo(
         "revisited",
         "rparis6k/ (as rparis6k) + revisitop1m/revisitop1m.txt + revisitop1m/jpg/<path>",
-        "Revisited Paris + 1M distractors: 6322 + 1,001,001 images, 70 cropped queries",
+        label="rParis 6k+1M",
+        order=70,
+        help="Revisited Paris + 1M distractors: 6322 + 1,001,001 images, 70 cropped queries",
     ),
 )
 def rparis6k_1m(

@@ -1,12 +1,13 @@
 """Download the public benchmark datasets into the layouts their loaders expect.
 
 ``download_dataset(name, data_root)`` fetches every archive of :data:`SOURCES` ``[name]`` into
-``<data_root>/_downloads/`` with :func:`retrbench.backbones.weights.download` (resumable through
+``<data_root>/_downloads/`` with :func:`retrbench.utils.io.download` (resumable through
 a ``.part`` file, checked against ``sha256`` when one is known, renamed atomically), unpacks it
 safely (absolute paths, ``..`` members, links and device files are refused or skipped; tar
 members also go through ``tarfile.data_filter`` where Python has it) into a staging folder, and
-only then moves the files into place. A ``.complete`` marker per dataset and archive makes a
-re-run skip what is already done, without touching the network.
+only then moves the files into place (files are written plainly into the staging folder, which
+is the unit of atomicity, then each is renamed into place). A ``.complete`` marker per dataset and
+archive (written atomically) makes a re-run skip what is already done, without touching the network.
 
 Layouts produced (see each loader)::
 
@@ -23,7 +24,6 @@ throughout: pin one in :data:`SOURCES` (or a mirror) once you have verified a co
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import posixpath
@@ -36,10 +36,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..backbones.weights import download
-from .base import default_data_root
+from ..utils.io import atomic_write_text, download
+from ._common import resolve_data_root
 
-__all__ = ["Archive", "SOURCES", "UnsafeArchiveError", "add_download_subcommand", "cmd_download", "download_dataset"]
+__all__ = ["Archive", "SOURCES", "UnsafeArchiveError", "download_dataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def _source_url(archive: Archive, base_url: str | None) -> str:
 
 
 def _fetch(url: str, dest: Path, sha256: str | None, progress: bool) -> Path:
-    """:func:`weights.download` retried on interrupted transfers (each retry resumes the part file)."""
+    """:func:`~retrbench.utils.io.download` retried on interrupted transfers (each retry resumes the part file)."""
     for attempt in range(1, _RETRIES + 1):
         try:
             return download(url, dest, sha256=sha256, progress=progress)
@@ -268,7 +268,7 @@ def download_dataset(
     Args:
         name: ``roxford5k``, ``rparis6k``, ``oxford5k``, ``paris6k``, ``revisitop1m``, ``ukbench``
             or ``coil20``.
-        data_root: default :func:`~retrbench.datasets.default_data_root`.
+        data_root: default :func:`~retrbench.utils.paths.default_data_root`.
         base_url: replaces scheme and host of every source (a mirror keeping the official paths;
             e.g. ``http://mirror/x`` fetches ``http://mirror/x/~vgg/data/oxbuildings/oxbuild_images-v1.tgz``).
         progress: progress bars (on a terminal only).
@@ -284,7 +284,7 @@ def download_dataset(
     """
     if name not in SOURCES:
         raise KeyError(f"no download source for dataset {name!r}; known: {', '.join(sorted(SOURCES))}")
-    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    root = resolve_data_root(data_root)
     work = root / "_downloads"
     markers = work / name
     markers.mkdir(parents=True, exist_ok=True)
@@ -305,32 +305,5 @@ def download_dataset(
             logger.info("%s: unpacked %d files from %s into %s", name, n, archive.filename, dest)
             if not keep_archives:
                 path.unlink()
-        marker.write_text(f"{url}\n")
+        atomic_write_text(marker, f"{url}\n")
     return root
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_download_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``download NAME [--data-root DIR] [--base-url URL] [--keep-archives]`` to ``sub``."""
-    d = sub.add_parser("download", help="download a public dataset into the layout its loader expects")
-    d.add_argument("name", choices=sorted(SOURCES), help="dataset to download")
-    d.add_argument(
-        "--data-root", type=Path, default=None, help="data root (default: $RETRBENCH_DATA or ~/.cache/retrbench/data)"
-    )
-    d.add_argument("--base-url", default=None, help="mirror replacing the official host (official paths kept)")
-    d.add_argument("--keep-archives", action="store_true", help="keep the archives in <data-root>/_downloads/")
-    return d
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    """Handler of ``retrbench download``; prints the data root to pass as ``--data-root``."""
-    root = download_dataset(
-        args.name,
-        args.data_root,
-        base_url=args.base_url,
-        keep_archives=getattr(args, "keep_archives", False),
-    )
-    print(f"{args.name}: ready under {root}")
-    return 0

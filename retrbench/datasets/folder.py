@@ -44,14 +44,14 @@ nor a negative), so the trivial self-match never counts; a ground truth listing 
 own positive has that entry turned into junk (counted in notes). Protocol ``map``: mAP, mP@k,
 R@k. Positives that are also listed as junk of the same query are an error.
 
-This module also holds two helpers shared by the large-scale loaders (``gldv2``,
-``distractors``): :func:`scan_images` and :func:`existing_files`.
+``DATASETS.create("folder:PATH", gt=..., queries_in_db=..., allow_missing=...)`` builds one
+through the registry's ``folder:`` resolver (a ``data_root`` passed along is ignored: the path
+is the data).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -63,19 +63,18 @@ import numpy as np
 from PIL import Image
 
 from ..types import Query, RetrievalDataset
+from ._common import SHOW, md5_file
+from .base import DATASETS
 
-__all__ = ["IMAGE_EXTENSIONS", "load_folder", "scan_images", "existing_files"]
+__all__ = ["IMAGE_EXTENSIONS", "GT_NAMES", "load_folder", "scan_images"]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 GT_NAMES = ("groundtruth.csv", "groundtruth.json")
-_SHOW = 5
-# Above this many files, existing_files lists the folders instead of one stat per file.
-_STAT_LIMIT = 20_000
 
 
-# ----------------------------------------------------------------------------- shared helpers
+# ----------------------------------------------------------------------------- image scan
 
 
 def scan_images(folder: str | Path, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> list[str]:
@@ -89,31 +88,6 @@ def scan_images(folder: str | Path, extensions: frozenset[str] = IMAGE_EXTENSION
             if not fn.startswith(".") and os.path.splitext(fn)[1].lower() in extensions:
                 out.append((rel_dir / fn).as_posix())
     return sorted(out)
-
-
-def existing_files(folder: str | Path, rel_paths: Sequence[str]) -> np.ndarray:
-    """``(N,)`` bool: which of ``rel_paths`` (``/``-separated, relative to ``folder``) are files.
-
-    For many paths (a million distractors) the folders holding them are listed once instead of
-    one ``stat`` per file, which is much faster on network file systems.
-    """
-    folder = Path(folder)
-    if len(rel_paths) <= _STAT_LIMIT:
-        return np.fromiter(((folder / p).is_file() for p in rel_paths), dtype=bool, count=len(rel_paths))
-    by_dir: dict[str, set[str]] = {}
-    for p in rel_paths:
-        d, _, name = p.rpartition("/")
-        by_dir.setdefault(d, set()).add(name)
-    present: set[str] = set()
-    for d, names in by_dir.items():
-        try:
-            with os.scandir(folder / d if d else folder) as it:
-                for entry in it:
-                    if entry.name in names and entry.is_file():
-                        present.add(f"{d}/{entry.name}" if d else entry.name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-    return np.fromiter((p in present for p in rel_paths), dtype=bool, count=len(rel_paths))
 
 
 # ----------------------------------------------------------------------------- ground truth parsing
@@ -262,7 +236,7 @@ class _Resolver:
             return name
         cands = self.by_name.get(name, []) if "/" not in name else []
         if len(cands) > 1:
-            raise ValueError(f"{where}: image name {name!r} is ambiguous ({', '.join(cands[:_SHOW])}); give its path")
+            raise ValueError(f"{where}: image name {name!r} is ambiguous ({', '.join(cands[:SHOW])}); give its path")
         return cands[0] if cands else None
 
 
@@ -336,10 +310,10 @@ def load_folder(
             lists.append(list(dict.fromkeys(names)))
         resolved.append((e, q, lists[0], lists[1]))
     if unknown and not allow_missing:
-        more = ", ..." if len(unknown) > _SHOW else ""
+        more = ", ..." if len(unknown) > SHOW else ""
         raise FileNotFoundError(
             f"folder dataset: {len(unknown)} ground-truth names are not images below {root}: "
-            f"{'; '.join(unknown[:_SHOW])}{more}. Names are paths relative to the folder (or a unique file name); "
+            f"{'; '.join(unknown[:SHOW])}{more}. Names are paths relative to the folder (or a unique file name); "
             "pass allow_missing=True to drop them."
         )
     n_dropped_q = sum(1 for _, q, _, _ in resolved if q is None)
@@ -355,7 +329,7 @@ def load_folder(
             n_self += 1
         both = sorted(set(pos) & set(junk))
         if both:
-            raise ValueError(f"{e.where}: {both[:_SHOW]} listed as both positive and junk of query {q!r}")
+            raise ValueError(f"{e.where}: {both[:SHOW]} listed as both positive and junk of query {q!r}")
         cleaned.append((e, q, pos, junk))
 
     # which query images stay in the database
@@ -368,7 +342,7 @@ def load_folder(
         if named:
             raise ValueError(
                 f"{gt_path}: queries_in_db=False removes query images from the database, but {len(named)} of them "
-                f"are positives of other queries (first: {', '.join(named[:_SHOW])}); use queries_in_db=True or None"
+                f"are positives of other queries (first: {', '.join(named[:SHOW])}); use queries_in_db=True or None"
             )
         leave = set(query_images)
     else:
@@ -395,7 +369,7 @@ def load_folder(
     policy = {None: "automatic (queries_in_db=None)", True: "queries_in_db=True", False: "queries_in_db=False"}
     notes = {
         "protocol": "map: mAP, mP@k and R@k over the queries with at least one positive",
-        "ground_truth": f"{gt_path.name} md5 {hashlib.md5(gt_path.read_bytes()).hexdigest()}",
+        "ground_truth": f"{gt_path.name} md5 {md5_file(gt_path)}",
         "images": f"{len(images)} database images",
         "queries": f"{len(queries)} queries ({sum(q.bbox is not None for q in queries)} with a box)",
         "query_crop": "query cropped to its box (x0, y0, x1, y1, original-image pixels) where given; else whole image",
@@ -415,3 +389,21 @@ def load_folder(
             f"allow_missing: {len(unknown)} ground-truth names not found were dropped ({n_dropped_q} queries)"
         )
     return RetrievalDataset(f"folder:{root.name}", root, images, tuple(queries), tuple(gnd), "map", notes)
+
+
+@DATASETS.resolver(
+    "folder:",
+    help="your images below PATH plus PATH/groundtruth.csv or .json (query,positive[,junk][,box]); "
+    "options gt=FILE, queries_in_db=, allow_missing=",
+)
+def folder_dataset(
+    path: str,
+    data_root: str | Path | None = None,
+    *,
+    gt: str | Path | None = None,
+    allow_missing: bool = False,
+    queries_in_db: bool | None = None,
+) -> RetrievalDataset:
+    """``folder:PATH``: :func:`load_folder` on ``PATH`` (``data_root`` is accepted and ignored)."""
+    del data_root  # the path names the data itself
+    return load_folder(path, gt, allow_missing=allow_missing, queries_in_db=queries_in_db)

@@ -1,4 +1,4 @@
-"""Google Landmarks Dataset v2, retrieval task (``gldv2``), and its metric mAP@100.
+"""Google Landmarks Dataset v2, retrieval task (``gldv2``), evaluated by mAP@100.
 
 Layout (the files of https://github.com/cvdfoundation/google-landmark, version 2.1)::
 
@@ -18,8 +18,8 @@ published numbers are per split: the repository's table and DELF's
 both into one mean, which no published table reports). The database is ``index.csv``, in its
 order; queries are not in it. Whole images, no boxes.
 
-Protocol ``gldv2`` (:func:`gldv2_protocol`): for each query with ``m >= 1`` relevant index
-images, ``AP@100 = (1 / min(m, 100)) * sum_{k=1..100} P(k) rel(k)``, with ``P(k)`` the
+Protocol ``gldv2`` (this module only names it; ``retrbench.evaluation.gldv2_protocol`` computes
+it): for each query with ``m >= 1`` relevant index images, ``AP@100 = (1 / min(m, 100)) * sum_{k=1..100} P(k) rel(k)``, with ``P(k)`` the
 precision among the first ``k`` results and ``rel(k)`` 1 if the k-th result is relevant;
 ``mAP@100`` is the mean over those queries, in percent. As DELF's ``metrics.MeanAveragePrecision``
 (the Kaggle metric's reference code): a result listed again counts once (its repeat takes a
@@ -36,13 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation import gldv2_protocol, map_at_k, precision_at_k
 from ..types import Query, RetrievalDataset
+from ._common import SHOW, build_dataset, existing_files, md5_file, preview, resolve_data_root
 from .base import DATASETS, DatasetInfo
-from .folder import existing_files
-from .oxford import _SHOW, _build, _data_root, _md5
 
-__all__ = ["load_gldv2", "map_at_k", "precision_at_k", "gldv2_protocol", "GLDV2_SOLUTION", "GLDV2_SPLITS"]
+__all__ = ["load_gldv2", "GLDV2_SOLUTION", "GLDV2_SPLITS"]
 
 GLDV2_SOLUTION = "retrieval_solution_v2.1.csv"
 GLDV2_SPLITS = ("all", "public", "private")
@@ -104,7 +102,7 @@ def _read_solution(path: Path) -> list[tuple[str, list[str], str, int]]:
                 continue
             bad = [m for m in matches if not _ID.fullmatch(m)]
             if bad:
-                raise ValueError(f"{path} row {r}: bad index image ids {bad[:_SHOW]}")
+                raise ValueError(f"{path} row {r}: bad index image ids {bad[:SHOW]}")
             out.append((test_id, list(dict.fromkeys(matches)), _USAGE[usage], r))
     return out
 
@@ -119,7 +117,7 @@ def load_gldv2(
     """GLDv2 retrieval: test images with matches query the 761,757 index images.
 
     Args:
-        data_root: folder holding ``gldv2/``; default :func:`default_data_root`.
+        data_root: folder holding ``gldv2/``; default :func:`~retrbench.utils.paths.default_data_root`.
         split: ``"public"``, ``"private"`` (the two published splits) or ``"all"`` (both pooled).
         allow_missing: drop absent images (and queries whose image is absent) instead of
             raising; the ground truth is re-indexed (an AP then divides by the matches left) and
@@ -128,7 +126,7 @@ def load_gldv2(
     """
     if split not in GLDV2_SPLITS:
         raise ValueError(f"gldv2: split must be one of {GLDV2_SPLITS}, got {split!r}")
-    ddir = _data_root(data_root) / "gldv2"
+    ddir = resolve_data_root(data_root) / "gldv2"
     sol_path, index_path, test_path = ddir / GLDV2_SOLUTION, ddir / "index.csv", ddir / "test.csv"
     for p in (sol_path, index_path):
         if not p.is_file():
@@ -150,7 +148,7 @@ def load_gldv2(
             raise ValueError(f"{where}: test image {test_id} is not in {test_path.name}")
         unknown = [m for m in matches if m not in position]
         if unknown:
-            raise ValueError(f"{where}: index ids not in {index_path.name}: {unknown[:_SHOW]}")
+            raise ValueError(f"{where}: index ids not in {index_path.name}: {unknown[:SHOW]}")
         gnd.append({"ok": np.array([position[m] for m in matches], dtype=np.int64), "junk": np.zeros(0, np.int64)})
         queries.append(Query(_image_path("test", test_id)))
 
@@ -163,7 +161,7 @@ def load_gldv2(
         missing = [p for p, k in zip(db_paths, keep_db, strict=True) if not k]
         missing += [q.image for q, k in zip(queries, keep_q, strict=True) if not k]
         if missing and not allow_missing:
-            first = ", ".join(missing[:_SHOW]) + (", ..." if len(missing) > _SHOW else "")
+            first = preview(missing)
             raise FileNotFoundError(
                 f"gldv2: {len(missing)} of {len(db_paths) + len(queries)} images are missing under {ddir} "
                 f"(first: {first}); expected layout: {_LAYOUT}. Pass allow_missing=True to drop them (the ground "
@@ -177,7 +175,7 @@ def load_gldv2(
     }[split]
     notes = {
         "protocol": "gldv2: mAP@100 (Kaggle GLDv2 retrieval / DELF MeanAveragePrecision) and mP@k, percent",
-        "ground_truth": f"{sol_path.name} md5 {_md5(sol_path)}",
+        "ground_truth": f"{sol_path.name} md5 {md5_file(sol_path)}",
         "split": f"{split_note}; {len(rows)} of {n_with_matches} test images with matches ('Ignored' / None left out)",
         "query_crop": "none: whole image",
         "query_in_database": "no: test images query the index set",
@@ -187,8 +185,9 @@ def load_gldv2(
         notes["test_ids_checked"] = f"no: {test_path.name} absent, test ids not checked against it"
     if not check_images:
         notes["images_checked"] = "no: check_images=False, image files were not looked at"
-    ds = _build("gldv2", "gldv2", ddir, index_ids, db_paths, keep_db, queries, keep_q, gnd, notes)
-    return ds
+    return build_dataset(
+        "gldv2", "gldv2", ddir, db_paths=db_paths, keep_db=keep_db, queries=queries, keep_q=keep_q, gnd=gnd, notes=notes
+    )
 
 
 @DATASETS.register(
@@ -197,7 +196,9 @@ def load_gldv2(
     info=DatasetInfo(
         "gldv2",
         "gldv2/{index,test}.csv + retrieval_solution_v2.1.csv + gldv2/{index,test}/a/b/c/<id>.jpg",
-        "Google Landmarks v2 retrieval: 761,757 index images, test images with matches, mAP@100",
+        label="GLDv2",
+        order=100,
+        help="Google Landmarks v2 retrieval: 761,757 index images, test images with matches, mAP@100",
     ),
 )
 def gldv2(

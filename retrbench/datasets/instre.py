@@ -43,9 +43,8 @@ from typing import Any
 import numpy as np
 
 from ..types import Query, RetrievalDataset
+from ._common import as_bbox, build_dataset, existing_files, md5_file, preview, resolve_data_root
 from .base import DATASETS, DatasetInfo
-from .folder import existing_files
-from .oxford import _SHOW, _bbox, _build, _data_root, _md5
 
 __all__ = ["load_instre", "INSTRE_IMAGES", "INSTRE_QUERIES"]
 
@@ -101,7 +100,7 @@ def load_instre(
     """INSTRE from ``<data_root>/instre/gnd_instre.mat`` (1250 queries, 27293 database images).
 
     Args:
-        data_root: folder holding ``instre/``; default :func:`default_data_root`.
+        data_root: folder holding ``instre/``; default :func:`~retrbench.utils.paths.default_data_root`.
         allow_missing: drop absent images (and queries whose image is absent) instead of
             raising; the ground truth is re-indexed and the counts go in notes.
         check_images: when False, do not look at the image files (ground truth only).
@@ -111,7 +110,7 @@ def load_instre(
     """
     if bbox_format not in ("xyxy", "xywh"):
         raise ValueError(f"instre: bbox_format must be 'xyxy' or 'xywh', got {bbox_format!r}")
-    ddir = _data_root(data_root) / "instre"
+    ddir = resolve_data_root(data_root) / "instre"
     gnd_path = ddir / "gnd_instre.mat"
     if not gnd_path.is_file():
         raise FileNotFoundError(f"instre: ground-truth file {gnd_path} not found; expected {_LAYOUT}")
@@ -136,7 +135,7 @@ def load_instre(
         ok = _field(g, "ok", where).reshape(-1).astype(np.float64)
         if ok.size and (np.any(np.mod(ok, 1) != 0) or ok.min() < 1 or ok.max() > n):
             raise ValueError(f"{where} ok: expected 1-based MATLAB indices in [1, {n}], got {ok.min():g}..{ok.max():g}")
-        box = _bbox(_field(g, "bbx", where), f"{where} bbx")
+        box = as_bbox(_field(g, "bbx", where), f"{where} bbx")
         if bbox_format == "xywh":
             box = (box[0], box[1], box[0] + box[2], box[1] + box[3])
         if not (box[0] < box[2] and box[1] < box[3]):
@@ -157,7 +156,7 @@ def load_instre(
         missing = [s for s, k in zip(imlist, keep_db, strict=True) if not k]
         missing += [s for s, k in zip(qimlist, keep_q, strict=True) if not k]
         if missing and not allow_missing:
-            first = ", ".join(missing[:_SHOW]) + (", ..." if len(missing) > _SHOW else "")
+            first = preview(missing)
             raise FileNotFoundError(
                 f"instre: {len(missing)} of {n + len(qimlist)} images are missing under {ddir} (first: {first}); "
                 f"expected layout: {_LAYOUT}. Pass allow_missing=True to drop them (the ground truth is re-indexed), "
@@ -168,7 +167,7 @@ def load_instre(
     full = (n, len(qimlist)) == (INSTRE_IMAGES, INSTRE_QUERIES)
     notes = {
         "protocol": "map (Iscen et al. 2017 INSTRE protocol): positives ok, mAP by the trapezoidal AP of compute_map",
-        "ground_truth": f"{gnd_path.name} md5 {_md5(gnd_path)} ({'full' if full else 'non-standard size'}: "
+        "ground_truth": f"{gnd_path.name} md5 {md5_file(gnd_path)} ({'full' if full else 'non-standard size'}: "
         f"{n} images, {len(qimlist)} queries)",
         "query_crop": (
             f"query cropped to its gnd bbx ({bbox_format} in the file, x0, y0, x1, y1 original-image pixels)"
@@ -185,7 +184,9 @@ def load_instre(
     }
     if not check_images:
         notes["images_checked"] = "no: check_images=False, image files were not looked at"
-    return _build("instre", "map", ddir, imlist, imlist, keep_db, queries, keep_q, gnd, notes)
+    return build_dataset(
+        "instre", "map", ddir, db_paths=imlist, keep_db=keep_db, queries=queries, keep_q=keep_q, gnd=gnd, notes=notes
+    )
 
 
 @DATASETS.register(
@@ -193,7 +194,9 @@ def load_instre(
     info=DatasetInfo(
         "map",
         "instre/gnd_instre.mat + instre/<imlist path>",
-        "INSTRE (Iscen et al. 2017 split): 27293 images, 1250 cropped queries, mAP",
+        label="INSTRE",
+        order=30,
+        help="INSTRE (Iscen et al. 2017 split): 27293 images, 1250 cropped queries, mAP",
     ),
 )
 def instre(

@@ -1,6 +1,6 @@
 """Oxford5k and Paris6k: revisited (``roxford5k``, ``rparis6k``) and classic (``oxford5k``, ``paris6k``).
 
-Layouts under the data root (``<root>``, default :func:`~retrbench.datasets.default_data_root`)::
+Layouts under the data root (``<root>``, default :func:`~retrbench.utils.paths.default_data_root`)::
 
     <root>/roxford5k/gnd_roxford5k.pkl        revisitop ground truth (Radenovic et al. 2018)
     <root>/roxford5k/jpg/<name>.jpg           the images (same for rparis6k)
@@ -32,7 +32,6 @@ the same 6392-image database.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -41,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from ..types import Query, RetrievalDataset
-from .base import DATASETS, DatasetInfo, default_data_root
+from ._common import SHOW, as_bbox, build_dataset, md5_file, preview, resolve_data_root
+from .base import DATASETS, DatasetInfo
 from .groundtruth import load_gnd_pickle
 
 __all__ = ["PARIS_CORRUPT", "load_revisited", "load_classic"]
@@ -74,18 +74,9 @@ PARIS_CORRUPT: frozenset[str] = frozenset(
 
 _REVISITED_KEYS = ("easy", "hard", "junk")
 _CLASSIC_KEYS = ("ok", "junk")
-_SHOW = 5  # how many missing names an error message lists
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _data_root(data_root: str | Path | None) -> Path:
-    return Path(data_root).expanduser() if data_root is not None else default_data_root()
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def _scan_jpgs(jpg_dir: Path) -> dict[str, str]:
@@ -125,56 +116,13 @@ def _as_index(values: object, n: int, where: str) -> np.ndarray:
     return arr
 
 
-def _bbox(values: object, where: str) -> tuple[float, float, float, float]:
-    box = tuple(float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1))
-    if len(box) != 4:
-        raise ValueError(f"{where}: expected a 4-value box (x0, y0, x1, y1), got {box}")
-    return box  # type: ignore[return-value]
-
-
 def _missing_error(name: str, missing: Sequence[str], total: int, jpg_dir: Path, layout: str) -> FileNotFoundError:
-    first = ", ".join(f"{m}.jpg" for m in missing[:_SHOW])
-    more = ", ..." if len(missing) > _SHOW else ""
+    first = preview(f"{m}.jpg" for m in missing)
     return FileNotFoundError(
-        f"{name}: {len(missing)} of {total} images are missing under {jpg_dir} (first: {first}{more}); "
+        f"{name}: {len(missing)} of {total} images are missing under {jpg_dir} (first: {first}); "
         f"expected layout: {layout}. Pass allow_missing=True to drop them (the ground truth is "
         "re-indexed), or check_images=False to load the ground truth without the images."
     )
-
-
-def _reindex(gnd: Sequence[dict[str, np.ndarray]], keep: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """Drop database rows where ``keep`` is False and renumber the ground truth to the kept rows."""
-    new_index = np.cumsum(keep, dtype=np.int64) - 1
-    return [{k: new_index[v[keep[v]]] for k, v in g.items()} for g in gnd]
-
-
-def _build(
-    name: str,
-    protocol: str,
-    root: Path,
-    db_names: Sequence[str],
-    db_paths: Sequence[str],
-    keep_db: np.ndarray,
-    queries: Sequence[Query],
-    keep_q: np.ndarray,
-    gnd: Sequence[dict[str, np.ndarray]],
-    notes: dict[str, str],
-) -> RetrievalDataset:
-    """Apply the ``keep`` masks (allow_missing), fill the count notes and build the dataset."""
-    n_drop_db = int((~keep_db).sum())
-    n_drop_q = int((~keep_q).sum())
-    gnd = _reindex(gnd, keep_db)
-    gnd = [g for g, k in zip(gnd, keep_q, strict=True) if k]
-    images = tuple(p for p, k in zip(db_paths, keep_db, strict=True) if k)
-    kept_queries = tuple(q for q, k in zip(queries, keep_q, strict=True) if k)
-    if n_drop_db or n_drop_q:
-        notes["missing"] = (
-            f"allow_missing: dropped {n_drop_db} of {len(db_names)} database images and {n_drop_q} of "
-            f"{len(queries)} queries whose files are absent; ground truth re-indexed to the rest"
-        )
-    notes["images"] = f"{len(images)} database images"
-    notes["queries"] = f"{len(kept_queries)} queries"
-    return RetrievalDataset(name, root, images, kept_queries, tuple(gnd), protocol, notes)
 
 
 # ----------------------------------------------------------------------------- revisited
@@ -191,13 +139,13 @@ def load_revisited(
 
     Args:
         name: ``roxford5k`` or ``rparis6k``.
-        data_root: folder holding ``<name>/``; default :func:`default_data_root`.
+        data_root: folder holding ``<name>/``; default :func:`~retrbench.utils.paths.default_data_root`.
         allow_missing: drop absent images (and queries whose image is absent) instead of raising;
             the ground truth is re-indexed to the remaining database and the count goes in notes.
         check_images: when False, do not look at the image files at all (ground truth only;
             paths are ``<name>.jpg`` as listed), e.g. to inspect the benchmark without its images.
     """
-    ddir = _data_root(data_root) / name
+    ddir = resolve_data_root(data_root) / name
     gnd_path = ddir / f"gnd_{name}.pkl"
     layout = f"<data_root>/{name}/gnd_{name}.pkl and <data_root>/{name}/jpg/<image>.jpg (revisitop layout)"
     if not gnd_path.is_file():
@@ -214,7 +162,7 @@ def load_revisited(
         if absent:
             raise ValueError(f"{where}: ground truth lacks {absent} (revisited needs easy, hard, junk, bbx)")
         gnd.append({k: _as_index(g[k], n, f"{where} {k}") for k in _REVISITED_KEYS})
-        boxes.append(_bbox(g["bbx"], f"{where} bbx"))
+        boxes.append(as_bbox(g["bbx"], f"{where} bbx"))
 
     jpg_dir = ddir / "jpg"
     db_paths = [f"{s}.jpg" for s in imlist]
@@ -234,7 +182,7 @@ def load_revisited(
     queries = [Query(p, bbox=b) for p, b in zip(q_paths, boxes, strict=True)]
     notes = {
         "protocol": "revisited (Radenovic et al. 2018): easy / medium / hard splits",
-        "ground_truth": f"{gnd_path.name} md5 {_md5(gnd_path)}",
+        "ground_truth": f"{gnd_path.name} md5 {md5_file(gnd_path)}",
         "query_crop": "query cropped to its gnd bbx (x0, y0, x1, y1, original-image pixels)",
         "query_resize": "set by the extraction config (query_resize: crop = resize the crop, as cirtorch)",
         "query_in_database": "no: the 70 query images are not database images",
@@ -242,7 +190,17 @@ def load_revisited(
     }
     if not check_images:
         notes["images_checked"] = "no: check_images=False, image files were not looked at"
-    return _build(name, "revisited", jpg_dir, imlist, db_paths, keep_db, queries, keep_q, gnd, notes)
+    return build_dataset(
+        name,
+        "revisited",
+        jpg_dir,
+        db_paths=db_paths,
+        keep_db=keep_db,
+        queries=queries,
+        keep_q=keep_q,
+        gnd=gnd,
+        notes=notes,
+    )
 
 
 # ----------------------------------------------------------------------------- classic
@@ -280,7 +238,7 @@ def _parse_lists(gt_dir: Path) -> tuple[list[str], list[tuple[float, float, floa
         img = img[len("oxc1_") :] if img.startswith("oxc1_") else img
         img = img[: -len(".jpg")] if img.endswith(".jpg") else img
         qnames.append(img)
-        boxes.append(_bbox([float(t) for t in tokens[1:5]], str(qf)))
+        boxes.append(as_bbox([float(t) for t in tokens[1:5]], str(qf)))
         good, ok, junk = (_read_names(gt_dir / f"{stem}_{kind}.txt") for kind in ("good", "ok", "junk"))
         lists.append({"ok": list(dict.fromkeys(good + ok)), "junk": list(dict.fromkeys(junk))})
     return qnames, boxes, lists
@@ -302,7 +260,7 @@ def load_classic(
 
     Args:
         name: ``oxford5k`` or ``paris6k``.
-        data_root: folder holding ``<name>/``; default :func:`default_data_root`.
+        data_root: folder holding ``<name>/``; default :func:`~retrbench.utils.paths.default_data_root`.
         allow_missing: drop absent images (and queries whose image is absent; with lists, also
             names the lists mention that are not on disk) instead of raising; the ground truth is
             re-indexed and the counts go in notes.
@@ -310,7 +268,7 @@ def load_classic(
         exclude_corrupt: list files only: leave the 20 known-corrupt Paris images out of the
             database, as the public pickles do.
     """
-    ddir = _data_root(data_root) / name
+    ddir = resolve_data_root(data_root) / name
     gnd_path = ddir / f"gnd_{name}.pkl"
     gt_dir = ddir / "groundtruth"
     layout = (
@@ -349,7 +307,7 @@ def _classic_from_pickle(
     position = {s: i for i, s in enumerate(imlist)}
     not_in_db = [q for q in qimlist if q not in position]
     if not_in_db:
-        raise ValueError(f"{gnd_path}: classic queries must be database images; not in imlist: {not_in_db[:_SHOW]}")
+        raise ValueError(f"{gnd_path}: classic queries must be database images; not in imlist: {not_in_db[:SHOW]}")
     gnd: list[dict[str, np.ndarray]] = []
     boxes = []
     for i, g in enumerate(data["gnd"]):
@@ -358,7 +316,7 @@ def _classic_from_pickle(
         if absent:
             raise ValueError(f"{where}: ground truth lacks {absent} (classic needs ok, junk, bbx)")
         gnd.append({k: _as_index(g[k], n, f"{where} {k}") for k in _CLASSIC_KEYS})
-        boxes.append(_bbox(g["bbx"], f"{where} bbx"))
+        boxes.append(as_bbox(g["bbx"], f"{where} bbx"))
 
     jpg_dir = ddir / "jpg"
     db_paths = [f"{s}.jpg" for s in imlist]
@@ -373,11 +331,21 @@ def _classic_from_pickle(
     qpos = [position[q] for q in qimlist]
     queries = [Query(db_paths[p], bbox=b) for p, b in zip(qpos, boxes, strict=True)]
     keep_q = keep_db[qpos] if qpos else np.ones(0, dtype=bool)
-    notes = _classic_notes(f"{gnd_path.name} md5 {_md5(gnd_path)}")
+    notes = _classic_notes(f"{gnd_path.name} md5 {md5_file(gnd_path)}")
     notes["image_order"] = "database in gnd imlist order"
     if not check_images:
         notes["images_checked"] = "no: check_images=False, image files were not looked at"
-    return _build(name, "classic", jpg_dir, imlist, db_paths, keep_db, queries, keep_q, gnd, notes)
+    return build_dataset(
+        name,
+        "classic",
+        jpg_dir,
+        db_paths=db_paths,
+        keep_db=keep_db,
+        queries=queries,
+        keep_q=keep_q,
+        gnd=gnd,
+        notes=notes,
+    )
 
 
 def _classic_from_lists(
@@ -418,10 +386,21 @@ def _classic_from_lists(
             f"allow_missing: {len(missing)} images named by the lists are not on disk and were left out"
         )
     keep_db = np.ones(len(names), dtype=bool)
-    return _build(name, "classic", jpg_dir, names, db_paths, keep_db, queries, keep_q, gnd, notes)
+    return build_dataset(
+        name,
+        "classic",
+        jpg_dir,
+        db_paths=db_paths,
+        keep_db=keep_db,
+        queries=queries,
+        keep_q=keep_q,
+        gnd=gnd,
+        notes=notes,
+    )
 
 
 # ----------------------------------------------------------------------------- registry
+# ``order``: the paper's dataset order (Oxford 5k, Paris 6k, INSTRE, rOxford 5k, rParis 6k, ...).
 
 _REV_LAYOUT = "{0}/gnd_{0}.pkl + {0}/jpg/<name>.jpg"
 _CLS_LAYOUT = "{0}/gnd_{0}.pkl or {0}/groundtruth/*_query|good|ok|junk.txt, + {0}/jpg/<name>.jpg"
@@ -430,7 +409,13 @@ _CLS_LAYOUT = "{0}/gnd_{0}.pkl or {0}/groundtruth/*_query|good|ok|junk.txt, + {0
 @DATASETS.register(
     "roxford5k",
     aliases=("roxford",),
-    info=DatasetInfo("revisited", _REV_LAYOUT.format("roxford5k"), "Revisited Oxford: 4993 images, 70 cropped queries"),
+    info=DatasetInfo(
+        "revisited",
+        _REV_LAYOUT.format("roxford5k"),
+        label="rOxford 5k",
+        order=40,
+        help="Revisited Oxford: 4993 images, 70 cropped queries",
+    ),
 )
 def roxford5k(
     data_root: str | Path | None = None, *, allow_missing: bool = False, check_images: bool = True
@@ -442,7 +427,13 @@ def roxford5k(
 @DATASETS.register(
     "rparis6k",
     aliases=("rparis",),
-    info=DatasetInfo("revisited", _REV_LAYOUT.format("rparis6k"), "Revisited Paris: 6322 images, 70 cropped queries"),
+    info=DatasetInfo(
+        "revisited",
+        _REV_LAYOUT.format("rparis6k"),
+        label="rParis 6k",
+        order=50,
+        help="Revisited Paris: 6322 images, 70 cropped queries",
+    ),
 )
 def rparis6k(
     data_root: str | Path | None = None, *, allow_missing: bool = False, check_images: bool = True
@@ -453,7 +444,13 @@ def rparis6k(
 
 @DATASETS.register(
     "oxford5k",
-    info=DatasetInfo("classic", _CLS_LAYOUT.format("oxford5k"), "Oxford Buildings: 5063 images, 55 cropped queries"),
+    info=DatasetInfo(
+        "classic",
+        _CLS_LAYOUT.format("oxford5k"),
+        label="Oxford 5k",
+        order=10,
+        help="Oxford Buildings: 5063 images, 55 cropped queries",
+    ),
 )
 def oxford5k(
     data_root: str | Path | None = None,
@@ -470,7 +467,13 @@ def oxford5k(
 
 @DATASETS.register(
     "paris6k",
-    info=DatasetInfo("classic", _CLS_LAYOUT.format("paris6k"), "Paris: 6392 images (20 corrupt left out), 55 queries"),
+    info=DatasetInfo(
+        "classic",
+        _CLS_LAYOUT.format("paris6k"),
+        label="Paris 6k",
+        order=20,
+        help="Paris: 6392 images (20 corrupt left out), 55 queries",
+    ),
 )
 def paris6k(
     data_root: str | Path | None = None,

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..types import Query, RetrievalDataset
-from .base import DATASETS, DatasetInfo, default_data_root
+from ._common import preview, resolve_data_root
+from .base import DATASETS, DatasetInfo
 
 __all__ = ["load_ukbench", "UKBENCH_FULL_SIZE"]
 
@@ -40,19 +41,19 @@ def load_ukbench(data_root: str | Path | None = None, *, allow_missing: bool = F
     """UKBench from ``<data_root>/ukbench/``; every image queries the full database (itself included).
 
     Args:
-        data_root: folder holding ``ukbench/``; default :func:`default_data_root`.
+        data_root: folder holding ``ukbench/``; default :func:`~retrbench.utils.paths.default_data_root`.
         allow_missing: drop incomplete groups (fewer than 4 images, or a group missing before the
             last one present) instead of raising; whole groups go so every query keeps 4
             relevant images (N-S max 4). The count goes in notes.
     """
-    root = Path(data_root).expanduser() if data_root is not None else default_data_root()
+    root = resolve_data_root(data_root)
     img_dir, found = _image_dir(root / "ukbench")
     n_groups = max(found) // 4 + 1
     members = [[4 * g + v for v in range(4) if 4 * g + v in found] for g in range(n_groups)]
     incomplete = [g for g, m in enumerate(members) if len(m) < 4]
     if incomplete and not allow_missing:
         missing = [f"ukbench{4 * g + v:05d}.jpg" for g in incomplete for v in range(4) if 4 * g + v not in found]
-        first = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        first = preview(missing)
         raise FileNotFoundError(
             f"ukbench: {len(incomplete)} of {n_groups} groups in {img_dir} are incomplete "
             f"({len(missing)} images missing, first: {first}); every group 4g..4g+3 must be present "
@@ -85,7 +86,14 @@ def load_ukbench(data_root: str | Path | None = None, *, allow_missing: bool = F
 
 @DATASETS.register(
     "ukbench",
-    info=DatasetInfo("ukbench", "ukbench/ukbench%05d.jpg (or ukbench/full/)", "UKBench: 4 views per object, N-S score", image_size=640),  # native 640x480: no upscaling
+    info=DatasetInfo(
+        "ukbench",
+        "ukbench/ukbench%05d.jpg (or ukbench/full/)",
+        label="UKBench",
+        order=80,
+        help="UKBench: 4 views per object, N-S score",
+        image_size=640,  # native 640x480: no upscaling
+    ),
 )
 def ukbench(data_root: str | Path | None = None, *, allow_missing: bool = False) -> RetrievalDataset:
     """UKBench: each image queries all images (itself included); N-S score over groups of 4."""

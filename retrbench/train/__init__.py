@@ -8,7 +8,12 @@ One module per step of the method:
 ``memory``         step 3: cross-batch memory (augmented, XBM) and the dataset bank (un-augmented)
 ``mining``         steps 4-5: mini-batch selection and iterative pseudo-positive mining
 ``loss``           step 6: XBM's contrastive loss with margin, batch + memory
-``insclr``         steps 7-8: config, staged training loop, checkpoints, log, plot
+``config``         :class:`InsCLRConfig`, every field of a run, validated
+``views``          augmented and un-augmented views of the training images
+``network``        the embedding ``L2(GeM_p(backbone(x)))``, trainable parameters, modes
+``checkpoint``     the run directory: checkpoints, ``state.pth``, resuming
+``report``         ``log.csv``, ``training.png``, per-stage summaries, measurement labels
+``loop``           steps 7-8: :func:`train`, the staged loop and one training step
 ``cli``            ``retrbench train insclr ...``
 =================  ==========================================================================
 
@@ -22,6 +27,7 @@ import importlib
 from typing import Any
 
 __all__ = [
+    "LOG_COLUMNS",
     "CandidateSets",
     "CrossBatchMemory",
     "DatasetBank",
@@ -31,10 +37,14 @@ __all__ = [
     "TupleSampler",
     "candidate_sets",
     "contrastive_loss",
+    "default_trainable",
+    "embed",
     "insclr_loss",
+    "insclr_state_dict",
     "make_tuple",
     "mine",
     "mine_positives",
+    "plot_log",
     "sample_tuples",
     "select",
     "train",
@@ -57,10 +67,15 @@ _WHERE = {
     "mine_positives": "mining",
     "contrastive_loss": "loss",
     "insclr_loss": "loss",
-    "InsCLRConfig": "insclr",
-    "TrainResult": "insclr",
-    "train": "insclr",
-    "true_labels": "insclr",
+    "InsCLRConfig": "config",
+    "default_trainable": "network",
+    "embed": "network",
+    "insclr_state_dict": "checkpoint",
+    "LOG_COLUMNS": "report",
+    "plot_log": "report",
+    "true_labels": "report",
+    "TrainResult": "loop",
+    "train": "loop",
 }
 
 

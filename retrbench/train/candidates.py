@@ -15,8 +15,6 @@ extraction resumes), the candidate sets as one ``.npz`` written atomically.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..extraction import FeatureCache, ImageSpec, extract
+from ..extraction import FeatureCache, extract
 from ..pooling import gem
-from ..search import knn
-from ..whitening import l2_normalize
+from ..utils.images import ImageSpec
+from ..utils.io import atomic_write
+from ..utils.linalg import exact_knn, l2_normalize
 
 __all__ = ["CandidateSets", "candidate_sets", "describe", "load_or_compute"]
 
@@ -71,16 +70,8 @@ class CandidateSets:
     def save(self, path: str | Path) -> Path:
         """Write ``indices`` and ``scores`` to ``path`` (``.npz``) atomically; returns the path."""
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, indices=self.indices, scores=self.scores)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(p, "wb") as f:
+            np.savez(f, indices=self.indices, scores=self.scores)
         return p
 
     @classmethod
@@ -108,7 +99,7 @@ def candidate_sets(descriptors: np.ndarray, k: int) -> CandidateSets:
     if n < 2:
         raise ValueError(f"candidate_sets: need at least 2 images, got {n}")
     kk = min(int(k), n - 1)
-    res = knn(descriptors, kk + 1)  # (N, kk + 1), usually itself first
+    res = exact_knn(descriptors, kk + 1)  # (N, kk + 1), usually itself first
     idx, sc = res.indices, res.scores
     is_self = idx == np.arange(n)[:, None]
     # drop the image itself where it was found, else the last (k+1-th) neighbour

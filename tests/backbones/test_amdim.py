@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retrbench.backbones import BACKBONES, create_backbone
+from retrbench.backbones import BACKBONES
 from retrbench.backbones.amdim import (
     AMDIM,
     IGNORED_KEYS,
@@ -29,7 +29,8 @@ from retrbench.backbones.amdim import (
     load_amdim_checkpoint,
     trunk_size,
 )
-from retrbench.backbones.weights import CheckpointError, sha256_file
+from retrbench.utils.checkpoint import CheckpointError
+from retrbench.utils.io import sha256_file
 
 NDF, N_RKHS, DEPTH, N_CLASSES = 4, 40, 2, 10
 # (layer index, n_in, n_out, kernel, stride) of the ConvResBlocks of the 128-pixel encoder
@@ -170,19 +171,21 @@ def test_trunk_map_equals_reference(ckpt: tuple[Path, OrderedDict]) -> None:
     with torch.no_grad():
         y = bb(x)
     assert y.shape == (2, 8 * NDF, trunk_size(128), trunk_size(176)) == (2, 32, 3, 6)
+    assert (bb.info.map_side(128), bb.info.map_side(176)) == (3, 6)  # the entry states its unpadded geometry
     torch.testing.assert_close(y, _reference(upstream, x, use_bn=False, upto="trunk"), rtol=1e-5, atol=1e-5)
     assert (y < 0).any()  # signed activations: no ReLU after the residual sum
 
 
 def test_rkhs_map_equals_reference(ckpt: tuple[Path, OrderedDict]) -> None:
     path, upstream = ckpt
-    bb = BACKBONES.get("amdim").factory(weights=path, feature="rkhs")
+    bb = BACKBONES.create("amdim", weights=path, feature="rkhs")
     assert bb.name == "amdim-rkhs" and bb.info.channels == N_RKHS
     x = _x(128, 128)
     with torch.no_grad():
         y = bb(x)
         full = bb.net(x)  # forward(): the rkhs map whatever the chosen feature
     assert y.shape == (2, N_RKHS, 1, 1)  # AMDIM's global embedding at the training size
+    assert bb.info.map_side(128) == 1 and bb.info.label == "AmDim rkhs"
     torch.testing.assert_close(y, _reference(upstream, x, use_bn=False, upto="rkhs"), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full, y)
 
@@ -190,7 +193,7 @@ def test_rkhs_map_equals_reference(ckpt: tuple[Path, OrderedDict]) -> None:
 def test_use_bn_checkpoint_runs_the_optional_batchnorms(tmp_path: Path) -> None:
     path = tmp_path / "bn.pth"
     upstream = _write_checkpoint(path, use_bn=True)
-    bb = create_backbone("amdim", weights=path)
+    bb = BACKBONES.create("amdim", weights=path)
     assert bb.net.config.use_bn
     x = _x(112, 100)
     with torch.no_grad():
@@ -204,7 +207,7 @@ def test_legacy_half_precision_checkpoint_is_cast_to_float(tmp_path: Path) -> No
     path = tmp_path / "fp16.pth"
     upstream = _write_checkpoint(path, half=True, legacy=True)
     assert not zipfile.is_zipfile(path)
-    bb = create_backbone("amdim_large", weights=path)  # the large entry reads its shape from the file too
+    bb = BACKBONES.create("amdim_large", weights=path)  # the large entry reads its shape from the file too
     assert next(bb.parameters()).dtype == torch.float32
     x = _x(128, 128, b=1)
     with torch.no_grad():
@@ -236,10 +239,10 @@ def test_hyperparams_contradicting_weights_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "lie.pth"
     _write_checkpoint(path, n_rkhs=2048)
     with pytest.raises(CheckpointError, match=r"hyperparams\['n_rkhs'\] = 2048 but the weights have n_rkhs = 40"):
-        create_backbone("amdim", weights=path)
+        BACKBONES.create("amdim", weights=path)
     _write_checkpoint(path, encoder_size=64)
     with pytest.raises(CheckpointError, match="only the 128-pixel"):
-        create_backbone("amdim", weights=path)
+        BACKBONES.create("amdim", weights=path)
 
 
 def test_wrong_format_and_truncated_files(tmp_path: Path, ckpt: tuple[Path, OrderedDict]) -> None:
@@ -248,15 +251,15 @@ def test_wrong_format_and_truncated_files(tmp_path: Path, ckpt: tuple[Path, Orde
         {"epoch": 200, "arch": "resnet50", "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}}, moco
     )
     with pytest.raises(CheckpointError, match=r"\{'model', 'hyperparams', 'cursor'\}"):
-        create_backbone("amdim", weights=moco)
+        BACKBONES.create("amdim", weights=moco)
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, other)
     with pytest.raises(CheckpointError, match="not an AMDIM encoder state dict"):
-        create_backbone("amdim", weights=other)
+        BACKBONES.create("amdim", weights=other)
     cut = tmp_path / "cut.pth"
     cut.write_bytes(ckpt[0].read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint"):
-        create_backbone("amdim", weights=cut)
+        BACKBONES.create("amdim", weights=cut)
     # a missing encoder tensor is reported by name
     sd = _upstream_model_state(NDF, N_RKHS, DEPTH, N_CLASSES)
     del sd["encoder.module.layer_list.7.layer_list.1.conv2.weight"]
@@ -265,7 +268,7 @@ def test_wrong_format_and_truncated_files(tmp_path: Path, ckpt: tuple[Path, Orde
     with pytest.raises(
         ValueError, match=r"missing from the checkpoint \(1\): 'layer_list.7.layer_list.1.conv2.weight'"
     ):
-        create_backbone("amdim", weights=partial)
+        BACKBONES.create("amdim", weights=partial)
 
 
 def test_bare_encoder_state_dict_loads(tmp_path: Path, ckpt: tuple[Path, OrderedDict]) -> None:
@@ -273,7 +276,7 @@ def test_bare_encoder_state_dict_loads(tmp_path: Path, ckpt: tuple[Path, Ordered
     bare = OrderedDict((k.removeprefix("encoder.module."), v) for k, v in upstream.items() if k.startswith("encoder."))
     path = tmp_path / "encoder.pth"
     torch.save(bare, path)
-    bb = create_backbone("amdim", weights=path)
+    bb = BACKBONES.create("amdim", weights=path)
     x = _x(100, 100, b=1)
     with torch.no_grad():
         torch.testing.assert_close(bb(x), _reference(upstream, x, False, "trunk"), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from retrbench.backbones.amdim import AMDIMConfig, AMDIMEncoder
 from retrbench.backbones.bn import recalibrate_bn, recalibrate_on_images, recalibration_specs
-from retrbench.extraction import ImageSpec
+from retrbench.utils.images import ImageSpec
 
 
 class Net(nn.Module):

@@ -16,7 +16,9 @@ from retrbench.backbones.efficientnet import (
     build_efficientnet_lite0,
     package_weights_path,
 )
-from retrbench.backbones.weights import load_state_dict, remap_state_dict, sha256_file, strict_load
+from retrbench.backbones.weights import remap_state_dict, strict_load
+from retrbench.utils.checkpoint import read_state_dict
+from retrbench.utils.io import sha256_file
 
 ESPRESSO = 967  # ImageNet-1k class index
 
@@ -79,7 +81,8 @@ def test_registered_with_metadata() -> None:
     for name in ("efficientnet_lite0", "effnet_lite0", "efficientnet-lite0"):
         assert name in BACKBONES
     entry = BACKBONES.get("effnet_lite0")
-    assert entry.name == "efficientnet_lite0" and entry.info is EFFICIENTNET_LITE0
+    assert entry.name == "efficientnet_lite0" and entry.info == EFFICIENTNET_LITE0
+    assert entry.label == "EfficientNet-Lite0"
     assert (EFFICIENTNET_LITE0.channels, EFFICIENTNET_LITE0.stride) == (1280, 32)
     card = Path(__file__).resolve().parents[2] / "models" / EFFICIENTNET_LITE0.card
     assert card.is_file(), card
@@ -90,7 +93,7 @@ def test_published_checksum(weights_path: Path) -> None:
 
 
 def test_remap_covers_every_key(weights_path: Path) -> None:
-    sd = remap_state_dict(load_state_dict(weights_path), PACKAGE_TO_TIMM_RULES)
+    sd = remap_state_dict(read_state_dict(weights_path), PACKAGE_TO_TIMM_RULES)
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     own = net.state_dict()
     assert set(sd) == set(own) and len(sd) == 296

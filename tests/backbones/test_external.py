@@ -1,7 +1,9 @@
-"""create_backbone: registry names, timm:NAME with a weights file, hub:DIR:ENTRY, and clear refusals."""
+"""BACKBONES.create through the resolvers of retrbench.backbones.external: timm:NAME with a weights file,
+hf-hub:ORG/REPO from the Hugging Face cache, hub:DIR:ENTRY, and clear refusals."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from retrbench.backbones import create_backbone
-from retrbench.backbones.external import parse_hub_spec, read_weights
-from retrbench.backbones.weights import CheckpointError, sha256_file
+from retrbench.backbones import BACKBONES
+from retrbench.backbones.external import parse_hub_spec
+from retrbench.utils.checkpoint import CheckpointError
+from retrbench.utils.io import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,8 @@ def _x(h: int = 64, w: int = 96) -> torch.Tensor:
 
 def test_timm_with_weights_file_equals_forward_features(resnet18_ref: tuple[torch.nn.Module, Path]) -> None:
     ref, path = resnet18_ref
-    bb = create_backbone("timm:resnet18", weights=path)
-    assert bb.name == "timm:resnet18" and bb.weights_id == sha256_file(path)
+    bb = BACKBONES.create("timm:resnet18", weights=path)
+    assert bb.name == bb.info.label == "timm:resnet18" and bb.weights_id == sha256_file(path)
     assert bb.info.channels == 512 and bb.info.stride == 32
     assert bb.info.mean == (0.485, 0.456, 0.406) and bb.info.default_size == 224
     assert not bb.training and not any(p.requires_grad for p in bb.parameters())
@@ -57,7 +60,7 @@ def test_timm_weight_file_layouts(tmp_path: Path, resnet18_ref: tuple[torch.nn.M
     else:  # saved from a num_classes=0 model: no fc.*
         path = tmp_path / "w.pth"
         torch.save({k: v for k, v in sd.items() if not k.startswith("fc.")}, path)
-    bb = create_backbone("timm:resnet18", weights=path)
+    bb = BACKBONES.create("timm:resnet18", weights=path)
     x = _x(32, 32)
     with torch.no_grad():
         torch.testing.assert_close(bb(x), ref.forward_features(x), rtol=0, atol=0)
@@ -66,20 +69,20 @@ def test_timm_weight_file_layouts(tmp_path: Path, resnet18_ref: tuple[torch.nn.M
 def test_timm_wrong_weights_are_refused(tmp_path: Path, resnet18_ref: tuple[torch.nn.Module, Path]) -> None:
     _, path = resnet18_ref
     with pytest.raises(ValueError, match="missing from the checkpoint"):
-        create_backbone("timm:resnet34", weights=path)  # resnet18 weights lack layer*.2+
+        BACKBONES.create("timm:resnet34", weights=path)  # resnet18 weights lack layer*.2+
     odd = tmp_path / "odd.pth"
     torch.save({"epoch": 1, "weights": [1, 2]}, odd)
     with pytest.raises(CheckpointError, match="no state dict found"):
-        read_weights(odd)
+        BACKBONES.create("timm:resnet18", weights=odd)
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(CheckpointError, match="not a safetensors file"):
-        read_weights(cut)
+        BACKBONES.create("timm:resnet18", weights=cut)
 
 
 def test_timm_random_init_is_seeded() -> None:
-    a = create_backbone("timm:resnet18", pretrained=False)
-    b = create_backbone("timm:resnet18", pretrained=False)
+    a = BACKBONES.create("timm:resnet18", pretrained=False)
+    b = BACKBONES.create("timm:resnet18", pretrained=False)
     assert a.weights_id == "random-init"
     torch.testing.assert_close(a.net.model.conv1.weight, b.net.model.conv1.weight, rtol=0, atol=0)
 
@@ -94,12 +97,12 @@ def test_timm_download_failure_is_explained(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(RuntimeError, match=r"could not fetch the pretrained weights of 'resnet18'.*--weights PATH"):
-        create_backbone("timm:resnet18")
+        BACKBONES.create("timm:resnet18")
 
 
 def test_timm_unknown_name_suggests() -> None:
     with pytest.raises(KeyError, match=r"unknown timm model 'resnet5O'.*did you mean 'timm:resnet50'"):
-        create_backbone("timm:resnet5O")
+        BACKBONES.create("timm:resnet5O")
 
 
 HUBCONF = textwrap.dedent(
@@ -157,8 +160,8 @@ def test_hub_local_torchvision_resnet_stops_before_avgpool(hub_dir: Path, tmp_pa
     ref = torchvision.models.resnet18(weights=None).eval()
     path = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), path)
-    bb = create_backbone(f"hub:{hub_dir}:tv_resnet18", weights=path)
-    assert bb.name == "hub:myrepo:tv_resnet18" and bb.net.mode == "resnet"
+    bb = BACKBONES.create(f"hub:{hub_dir}:tv_resnet18", weights=path)
+    assert bb.name == bb.info.label == "hub:myrepo:tv_resnet18" and bb.net.mode == "resnet"
     assert bb.info.channels == 512 and bb.info.stride == 32 and bb.weights_id == sha256_file(path)
     trunk = torch.nn.Sequential(*list(ref.children())[:-2])  # everything before avgpool and fc
     x = _x()
@@ -167,39 +170,98 @@ def test_hub_local_torchvision_resnet_stops_before_avgpool(hub_dir: Path, tmp_pa
 
 
 def test_hub_local_forward_features_and_plain_map(hub_dir: Path) -> None:
-    bb = create_backbone(f"hub:{hub_dir}:with_features", pretrained=False)
+    bb = BACKBONES.create(f"hub:{hub_dir}:with_features", pretrained=False)
     assert bb.net.mode == "forward_features" and bb.info.channels == 6 and bb.info.stride == 4
     assert bb.weights_id.startswith("random-init:hub:") and str(hub_dir) in bb.weights_id
     x = _x(32, 48)
     with torch.no_grad():
         torch.testing.assert_close(bb(x), bb.net.net.forward_features(x))
-    plain = create_backbone(f"hub:{hub_dir}:plain_map")
+    plain = BACKBONES.create(f"hub:{hub_dir}:plain_map")
     assert plain.net.mode == "forward" and (plain.info.channels, plain.info.stride) == (5, 2)
     with pytest.raises(ValueError, match=r"not a \(B, C, H, W\) map"):
-        create_backbone(f"hub:{hub_dir}:logits_only", pretrained=False)
+        BACKBONES.create(f"hub:{hub_dir}:logits_only", pretrained=False)
 
 
 def test_hub_spec_parsing() -> None:
     assert parse_hub_spec("pytorch/vision:v0.10.0:resnet50") == ("pytorch/vision:v0.10.0", "resnet50")
     assert parse_hub_spec("/data/repo:net") == ("/data/repo", "net")
     with pytest.raises(ValueError, match="expected hub:REPO:ENTRY"):
-        create_backbone("hub:resnet50")
+        BACKBONES.create("hub:resnet50")
     with pytest.raises(FileNotFoundError, match="hub repository directory not found"):
-        create_backbone("hub:/no/such/dir:net")
+        BACKBONES.create("hub:/no/such/dir:net")
 
 
 def test_registry_names_dispatch() -> None:
-    bb = create_backbone("chance")  # an alias of the registry's 'random' entry
+    bb = BACKBONES.create("chance")  # an alias of the registry's 'random' entry
     assert bb.name == "random"
 
 
 def test_unknown_specs_and_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="unknown backbone 'efficientnet_lite'.*did you mean 'efficientnet_lite0'"):
-        create_backbone("efficientnet_lite")
-    with pytest.raises(ValueError, match="unknown model source 'tfhub'"):
-        create_backbone("tfhub:foo")
+        BACKBONES.create("efficientnet_lite")
+    with pytest.raises(KeyError, match=r"unknown backbone 'tfhub:foo'.*or timm:\.\.\., hf-hub:\.\.\., hub:\.\.\."):
+        BACKBONES.create("tfhub:foo")
     f = tmp_path / "mynet.pth"
     torch.save({"w": torch.zeros(1)}, f)
     for spec in (str(f), "weights/other.pt", "net.safetensors"):
         with pytest.raises(ValueError, match=r"is a file: .*--model timm:resnet50 --weights"):
-            create_backbone(spec)
+            BACKBONES.create(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# hf-hub: a timm model on the Hugging Face Hub, read from huggingface_hub's cache
+
+
+@pytest.fixture
+def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty huggingface_hub cache, offline (nothing here reaches the network)."""
+    import huggingface_hub.constants as hf
+
+    root = tmp_path / "hf-hub"
+    root.mkdir()
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def _cache_repo(root: Path, repo: str, model: torch.nn.Module, architecture: str) -> None:
+    """Put a timm repository in the cache as huggingface_hub lays it out (refs/main -> snapshots/<commit>/)."""
+    folder = root / ("models--" + repo.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snap = folder / "snapshots" / commit
+    snap.mkdir(parents=True)
+    cfg = {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 160, 160], "classifier": "fc", "license": "apache-2.0"}
+    (snap / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 1000, "pretrained_cfg": cfg}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "model.safetensors"))
+
+
+def test_hf_hub_from_the_cache_equals_the_model(hf_cache: Path, resnet18_ref: tuple[torch.nn.Module, Path]) -> None:
+    ref, path = resnet18_ref
+    _cache_repo(hf_cache, "acme/tiny-resnet", ref, "resnet18")
+    bb = BACKBONES.create("hf-hub:acme/tiny-resnet")
+    assert bb.name == bb.info.label == "hf-hub:acme/tiny-resnet"
+    assert bb.weights_id == "timm-pretrained:acme/tiny-resnet:"
+    assert (bb.info.mean, bb.info.std, bb.info.default_size) == ((0.5,) * 3, (0.25,) * 3, 160)
+    assert bb.info.licence == "apache-2.0" and (bb.info.channels, bb.info.stride) == (512, 32)
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x), ref.forward_features(x), rtol=0, atol=0)
+    # the timm: path logic applies: a weights file, or a seeded random network
+    assert BACKBONES.create("hf-hub:acme/tiny-resnet", weights=path).weights_id == sha256_file(path)
+    a = BACKBONES.create("hf-hub:acme/tiny-resnet", pretrained=False)
+    b = BACKBONES.create("timm:resnet18", pretrained=False)
+    assert a.weights_id == "random-init"
+    torch.testing.assert_close(a.net.model.conv1.weight, b.net.model.conv1.weight, rtol=0, atol=0)
+
+
+def test_hf_hub_offline_not_cached_is_explained(hf_cache: Path) -> None:
+    for kw in ({}, {"pretrained": False}):
+        with pytest.raises(RuntimeError) as err:
+            BACKBONES.create("hf-hub:timm/resnet18.a1_in1k", **kw)
+        msg = str(err.value)
+        assert msg.startswith("hf-hub:timm/resnet18.a1_in1k: could not fetch")
+        assert "HF_HOME" in msg and "hf download timm/resnet18.a1_in1k" in msg and "--weights PATH" in msg
+    with pytest.raises(ValueError, match="expected hf-hub:ORG/REPO"):
+        BACKBONES.create("hf-hub:resnet18")

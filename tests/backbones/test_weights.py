@@ -1,8 +1,8 @@
-"""retrbench.backbones.weights: checkpoint reading, key remapping, strict loading, resolving, downloading."""
+"""retrbench.backbones.weights: resolving (explicit path, cache, download), published digest prefixes,
+key remapping, strict loading."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.server
 from pathlib import Path
@@ -13,29 +13,22 @@ from torch import nn
 
 from retrbench.backbones.base import BackboneInfo
 from retrbench.backbones.weights import (
-    CheckpointError,
-    default_cache_dir,
-    download,
-    load_state_dict,
+    PUBLISHED_DIGEST_PREFIX,
+    load_into,
     remap_state_dict,
     resolve_weights,
-    sha256_file,
     strict_load,
+    verify_published_digest,
 )
+from retrbench.utils.checkpoint import CheckpointError
 
-# --------------------------------------------------------------------------- sha256
-
-
-def test_sha256_file_streams_large_files(tmp_path: Path) -> None:
-    data = torch.randint(0, 256, (2_500_000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    p = tmp_path / "blob.bin"
-    p.write_bytes(bytes(data.tolist()))
-    assert sha256_file(p) == hashlib.sha256(p.read_bytes()).hexdigest()
-    p.write_bytes(b"changed")  # the memo is keyed on size and mtime: a rewrite is hashed again
-    assert sha256_file(p) == hashlib.sha256(b"changed").hexdigest()
+PAYLOAD = bytes(range(256)) * 9000  # 2.3 MB: several 1 MiB read chunks
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
-# --------------------------------------------------------------------------- load_state_dict
+def _serve(srv: http.server.ThreadingHTTPServer, name: str, data: bytes) -> str:
+    srv.files[f"/{name}"] = data  # type: ignore[attr-defined]
+    return f"http://127.0.0.1:{srv.server_address[1]}/{name}"
 
 
 @pytest.fixture
@@ -43,62 +36,6 @@ def good_ckpt(tmp_path: Path) -> Path:
     p = tmp_path / "good.pth"
     torch.save({"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2)}, p)
     return p
-
-
-def test_load_state_dict_reads_flat_tensor_mapping(good_ckpt: Path) -> None:
-    sd = load_state_dict(good_ckpt)
-    assert list(sd) == ["w", "b"]
-    assert torch.equal(sd["w"], torch.arange(6.0).reshape(2, 3))
-
-
-def test_load_state_dict_missing_file_names_path(tmp_path: Path) -> None:
-    p = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        load_state_dict(p)
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        pytest.param(None, id="truncated-zip"),
-        pytest.param(b"", id="empty"),
-        pytest.param(b"hello, this is not a checkpoint\n" * 10, id="text"),
-    ],
-)
-def test_load_state_dict_truncated_or_foreign(tmp_path: Path, good_ckpt: Path, content: bytes | None) -> None:
-    p = tmp_path / "broken.pth"
-    p.write_bytes(good_ckpt.read_bytes()[: good_ckpt.stat().st_size // 2] if content is None else content)
-    with pytest.raises(CheckpointError, match="truncated or not a PyTorch checkpoint") as err:
-        load_state_dict(p)
-    assert str(p) in str(err.value)
-
-
-def test_load_state_dict_refuses_arbitrary_globals(tmp_path: Path) -> None:
-    p = tmp_path / "with_args.pth"
-    torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1)}, p)
-    with pytest.raises(CheckpointError, match="arbitrary unpickling") as err:
-        load_state_dict(p)
-    assert "argparse.Namespace" in str(err.value)
-    assert str(p) in str(err.value)
-
-
-def test_load_state_dict_wrong_structure_names_keys(tmp_path: Path) -> None:
-    p = tmp_path / "wrapped.pth"
-    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, p)
-    with pytest.raises(CheckpointError) as err:
-        load_state_dict(p)
-    msg = str(err.value)
-    assert "'model'" in msg and "'epoch'" in msg and "key=" in msg
-    with pytest.raises(CheckpointError, match="expected the top-level key 'state_dict'.*'model'.*'epoch'"):
-        load_state_dict(p, key="state_dict")
-    assert list(load_state_dict(p, key="model")) == ["w"]
-
-
-def test_load_state_dict_not_a_mapping(tmp_path: Path) -> None:
-    p = tmp_path / "list.pth"
-    torch.save([torch.ones(1)], p)
-    with pytest.raises(CheckpointError, match="found a list"):
-        load_state_dict(p)
 
 
 # --------------------------------------------------------------------------- remap_state_dict
@@ -177,76 +114,6 @@ def test_strict_load_lists_first_ten_with_counts() -> None:
         strict_load(_Tiny(), sd)
 
 
-# --------------------------------------------------------------------------- download
-
-
-def _serve(srv: http.server.ThreadingHTTPServer, name: str, data: bytes) -> str:
-    srv.files[f"/{name}"] = data  # type: ignore[attr-defined]
-    return f"http://127.0.0.1:{srv.server_address[1]}/{name}"
-
-
-PAYLOAD = bytes(range(256)) * 9000  # 2.3 MB: several 1 MiB read chunks
-PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
-
-
-def test_download_verifies_checksum(server, tmp_path: Path) -> None:
-    url = _serve(server, "w.pth", PAYLOAD)
-    dest = tmp_path / "sub" / "w.pth"
-    assert download(url, dest, sha256=PAYLOAD_SHA, progress=False) == dest
-    assert dest.read_bytes() == PAYLOAD
-    assert not (tmp_path / "sub" / "w.pth.part").exists()
-
-
-def test_download_resumes_part_file(server, tmp_path: Path) -> None:
-    url = _serve(server, "w.pth", PAYLOAD)
-    dest = tmp_path / "w.pth"
-    half = len(PAYLOAD) // 2
-    (tmp_path / "w.pth.part").write_bytes(PAYLOAD[:half])
-    download(url, dest, sha256=PAYLOAD_SHA, progress=False)
-    assert dest.read_bytes() == PAYLOAD
-    assert server.log == [("/w.pth", f"bytes={half}-")]
-    assert not (tmp_path / "w.pth.part").exists()
-
-
-def test_download_restarts_when_range_ignored(server, tmp_path: Path) -> None:
-    _serve(server, "w.pth", PAYLOAD)
-    url = f"http://127.0.0.1:{server.server_address[1]}/norange/w.pth"
-    (tmp_path / "w.pth.part").write_bytes(PAYLOAD[:1000])
-    download(url, tmp_path / "w.pth", sha256=PAYLOAD_SHA, progress=False)
-    assert (tmp_path / "w.pth").read_bytes() == PAYLOAD
-
-
-def test_download_complete_part_file_starts_over(server, tmp_path: Path) -> None:
-    url = _serve(server, "w.pth", PAYLOAD)
-    (tmp_path / "w.pth.part").write_bytes(PAYLOAD + b"extra")  # server answers 416 to the Range request
-    download(url, tmp_path / "w.pth", sha256=PAYLOAD_SHA, progress=False)
-    assert (tmp_path / "w.pth").read_bytes() == PAYLOAD
-    assert [rng for _, rng in server.log] == [f"bytes={len(PAYLOAD) + 5}-", None]
-
-
-def test_download_interrupted_keeps_part_then_resumes(server, tmp_path: Path) -> None:
-    _serve(server, "w.pth", PAYLOAD)
-    port = server.server_address[1]
-    dest = tmp_path / "w.pth"
-    with pytest.raises(OSError, match="kept to resume"):
-        download(f"http://127.0.0.1:{port}/short/w.pth", dest, sha256=PAYLOAD_SHA, progress=False)
-    part = tmp_path / "w.pth.part"
-    assert not dest.exists() and 0 < part.stat().st_size < len(PAYLOAD)
-    assert PAYLOAD.startswith(part.read_bytes())
-    download(f"http://127.0.0.1:{port}/w.pth", dest, sha256=PAYLOAD_SHA, progress=False)
-    assert dest.read_bytes() == PAYLOAD
-
-
-def test_download_checksum_mismatch_leaves_nothing(server, tmp_path: Path) -> None:
-    url = _serve(server, "w.pth", PAYLOAD)
-    dest = tmp_path / "w.pth"
-    wrong = "0" * 64
-    with pytest.raises(ValueError) as err:
-        download(url, dest, sha256=wrong, progress=False)
-    assert wrong in str(err.value) and PAYLOAD_SHA in str(err.value)
-    assert list(tmp_path.iterdir()) == []
-
-
 # --------------------------------------------------------------------------- resolve_weights
 
 
@@ -277,8 +144,44 @@ def test_resolve_downloads_into_cache(server, tmp_path: Path) -> None:
     assert len(server.log) == 1
 
 
-def test_default_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_resolve_alternatives_and_hint(tmp_path: Path) -> None:
+    info = _info()
+    (tmp_path / "old-name.pth").write_bytes(b"x")
+    assert resolve_weights(info, None, cache_dir=tmp_path, alternatives=("w.pth", "old-name.pth")) == tmp_path / "old-name.pth"
+    (tmp_path / "w.pth").write_bytes(b"x")
+    assert resolve_weights(info, None, cache_dir=tmp_path, alternatives=("w.pth", "old-name.pth")) == tmp_path / "w.pth"
+    with pytest.raises(FileNotFoundError, match=r"--weights PATH.*\n  Convert it first"):
+        resolve_weights(info, None, cache_dir=tmp_path / "empty", how_to_get="Convert it first")
+
+
+def test_resolve_default_cache_is_retrbench_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("RETRBENCH_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "weights"
-    monkeypatch.delenv("RETRBENCH_CACHE")
-    assert default_cache_dir() == Path(torch.hub.get_dir()) / "checkpoints"
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.pth").write_bytes(b"x")
+    assert resolve_weights(_info(), None) == tmp_path / "weights" / "w.pth"
+
+
+# --------------------------------------------------------------------------- digests and load_into
+
+
+def test_verify_published_digest(tmp_path: Path) -> None:
+    data = b"some weights"
+    name = "resnet50-0676ba61.pth"
+    p = tmp_path / name
+    p.write_bytes(data)
+    with pytest.raises(CheckpointError, match=rf"its sha256 is {hashlib.sha256(data).hexdigest()}, but .*0676ba61"):
+        verify_published_digest(p)
+    q = tmp_path / "my-own.pth"  # names not in the table are not checked
+    q.write_bytes(data)
+    verify_published_digest(q)
+    assert all(algo in ("sha256", "md5") and len(prefix) == 8 for algo, prefix in PUBLISHED_DIGEST_PREFIX.values())
+
+
+def test_load_into_fills_bn_counters_and_names_the_file() -> None:
+    dst = _Tiny()
+    sd = {k: v for k, v in _sd(_Tiny()).items() if not k.endswith("num_batches_tracked")}  # a pre-0.4.1 file
+    load_into(dst, sd, "old.pth")
+    assert dst.bn.num_batches_tracked.item() == 0 and torch.equal(dst.fc.weight, sd["fc.weight"])
+    del sd["fc.bias"]
+    with pytest.raises(CheckpointError, match=r"(?s)old\.pth: .*missing from the checkpoint \(1\): 'fc\.bias'\n  try this"):
+        load_into(_Tiny(), sd, "old.pth", hint="try this")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from retrbench.datasets import download as dl
-from retrbench.datasets.download import SOURCES, Archive, add_download_subcommand, cmd_download, download_dataset
-from retrbench.pipeline import load_dataset
+from retrbench.datasets import load_dataset
+from retrbench.datasets.download import SOURCES, Archive, download_dataset
 
 
 def _base(srv: http.server.ThreadingHTTPServer) -> str:
@@ -181,13 +181,10 @@ def test_sources_table_shape() -> None:
         download_dataset("nope", Path("/nonexistent"))
 
 
-def test_cli_subcommand(server, tmp_path: Path, capsys) -> None:
-    import argparse
+def test_download_command(server, tmp_path: Path, capsys) -> None:
+    from retrbench.cli import main
 
     _serve_coil(server)
-    p = argparse.ArgumentParser()
-    add_download_subcommand(p.add_subparsers(dest="command"))
-    args = p.parse_args(["download", "coil20", "--data-root", str(tmp_path), "--base-url", _base(server)])
-    assert cmd_download(args) == 0
-    assert "coil20" in capsys.readouterr().out
+    assert main(["download", "coil20", "--data-root", str(tmp_path), "--base-url", _base(server)]) == 0
+    assert capsys.readouterr().out.strip() == f"coil20: ready under {tmp_path}"
     assert len(load_dataset("coil20", tmp_path).images) == 144

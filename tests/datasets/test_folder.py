@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrbench.datasets.folder import existing_files, load_folder, scan_images
+from retrbench.datasets import DATASETS, load_dataset
+from retrbench.datasets.folder import load_folder, scan_images
 
 DB = ["db/eiffel_07.jpg", "db/eiffel_11.jpg", "db/eiffel_blur.jpg", "db/louvre_02.jpg", "db/other.png"]
 Q = ["q/eiffel_1.jpg", "q/louvre_1.jpg"]
@@ -203,15 +204,38 @@ def test_query_without_positive_is_noted(tmp_path: Path) -> None:
     assert ds.notes["queries_without_positives"].startswith("1 ")
 
 
-def test_scan_and_existing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for p in ["b/2.JPG", "b/1.jpeg", "a.png", ".git/x.jpg", "c/.d/y.jpg", "c/z.txt"]:
+def test_scan_images(tmp_path: Path) -> None:
+    for p in ["b/2.JPG", "b/1.jpeg", "a.png", ".git/x.jpg", "c/.d/y.jpg", "c/z.txt", ".hidden.png"]:
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / p).write_bytes(b"")
     assert scan_images(tmp_path) == ["a.png", "b/1.jpeg", "b/2.JPG"]
-    paths = ["a.png", "b/1.jpeg", "b/3.jpg", "nodir/x.jpg", "b", "c/z.txt"]
-    expected = [True, True, False, False, False, True]
-    assert existing_files(tmp_path, paths).tolist() == expected
-    import retrbench.datasets.folder as folder
 
-    monkeypatch.setattr(folder, "_STAT_LIMIT", 0)  # the folder-listing path used for large lists
-    assert existing_files(tmp_path, paths).tolist() == expected
+
+# ----------------------------------------------------------------------------- through the registry
+
+
+def test_folder_resolver_builds_through_the_registry(tmp_path: Path) -> None:
+    _make(tmp_path)
+    name = f"folder:{tmp_path}"
+    assert DATASETS.find_resolver(name) is not None and name not in DATASETS
+    ds = DATASETS.create(name, data_root=tmp_path / "ignored")
+    direct = load_folder(tmp_path)
+    assert ds.name == direct.name == f"folder:{tmp_path.name}" and ds.protocol == "map"
+    assert ds.images == direct.images and ds.queries == direct.queries
+    assert [g["ok"].tolist() for g in ds.gnd] == [g["ok"].tolist() for g in direct.gnd]
+    # options reach load_folder
+    kept = DATASETS.create(name, queries_in_db=True)
+    assert set(direct.images) < set(kept.images) and {q.image for q in kept.queries} <= set(kept.images)
+
+
+def test_folder_resolver_options_and_errors(tmp_path: Path) -> None:
+    _make(tmp_path, gt=None)
+    (tmp_path / "other.csv").write_text(CSV)
+    ds = load_dataset(f"folder:{tmp_path}", gt=tmp_path / "other.csv")
+    assert len(ds.queries) == 2 and ds.notes["ground_truth"].startswith("other.csv md5 ")
+    with pytest.raises(ValueError, match="does not take the option"):
+        load_dataset(f"folder:{tmp_path}", gt=tmp_path / "other.csv", max_distractors=3)
+    with pytest.raises(FileNotFoundError, match="no ground truth"):
+        DATASETS.create(f"folder:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        DATASETS.create(f"folder:{tmp_path / 'nowhere'}")

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from retrbench.extraction import FeatureCache, ImageSpec, load_image
+from retrbench.extraction import FeatureCache
 from retrbench.train.candidates import CandidateSets, candidate_sets, describe, load_or_compute
+from retrbench.utils.images import ImageSpec, load_image
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -1,12 +1,13 @@
-"""Step 3, memory banks: the XBM queue follows lightly's update and keeps indices aligned; the dataset bank."""
+"""Step 3, memory banks: the XBM queue (FIFO, cut at the end, indices aligned; lightly's update as oracle) and the dataset bank."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lightly.models.modules.memory_bank import MemoryBankModule
 
 from retrbench.train.memory import CrossBatchMemory, DatasetBank
+
+BATCHES = [(0, 2), (10, 2), (20, 3), (30, 1), (40, 4)]  # fills, crosses the end (cut), wraps
 
 
 def batch(start: int, n: int, dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -14,28 +15,43 @@ def batch(start: int, n: int, dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]
     return idx[:, None].float().repeat(1, dim), idx  # feature row i is [i, i, i]
 
 
-def test_is_lightlys_memory_bank_and_starts_empty():
+def test_starts_empty():
     m = CrossBatchMemory(5, 3)
-    assert isinstance(m, MemoryBankModule)
     f, i = m.entries()
-    assert len(m) == 0 and f.shape == (0, 3) and i.shape == (0,)
+    assert len(m) == 0 and m.capacity == 5 and f.shape == (0, 3) and i.shape == (0,)
 
 
-def test_fifo_update_equals_lightly_and_indices_stay_with_their_features():
-    torch.manual_seed(0)  # lightly starts the queue with random unit vectors: the same ones for both
-    ours = CrossBatchMemory(5, 3)
+def test_fifo_update_cuts_at_the_end_and_keeps_indices_with_their_features():
+    m = CrossBatchMemory(5, 3)
+    ptrs, sizes = [], []
+    for start, n in BATCHES:
+        f, i = batch(start, n)
+        m.enqueue(f, i)
+        feats, idx = m.entries()
+        torch.testing.assert_close(feats[:, 0], idx.float())  # each entry's index is its own
+        ptrs.append(int(m.ptr))
+        sizes.append(len(m))
+    # (0,2) -> 0 1 | (10,2) -> 10 11 | (20,3): only 20 fits, pointer wraps | (30) at 0 | (40..43) at 1..4, wraps
+    assert ptrs == [2, 4, 0, 1, 0] and sizes == [2, 4, 5, 5, 5]
+    assert m.index.tolist() == [30, 40, 41, 42, 43]
+
+
+def test_update_equals_lightlys_memory_bank():
+    lightly_bank = pytest.importorskip("lightly.models.modules.memory_bank")
     torch.manual_seed(0)
-    ref = MemoryBankModule(size=(5, 3), feature_dim_first=False)
-    for start, n in [(0, 2), (10, 2), (20, 3), (30, 1), (40, 4)]:  # fills, crosses the end (cut), wraps
+    ours = CrossBatchMemory(5, 3)
+    after_ours = torch.rand(4)
+    torch.manual_seed(0)
+    ref = lightly_bank.MemoryBankModule(size=(5, 3), feature_dim_first=False)
+    after_ref = torch.rand(4)
+    torch.testing.assert_close(ours.bank, ref.bank)  # same initial content ...
+    assert torch.equal(after_ours, after_ref)  # ... drawn alike from the global generator (runs stay bit-identical)
+    for start, n in BATCHES:
         f, i = batch(start, n)
         ours.enqueue(f, i)
         ref._dequeue_and_enqueue(f)
         torch.testing.assert_close(ours.bank, ref.bank)
-        assert int(ours.bank_ptr) == int(ref.bank_ptr)
-        feats, idx = ours.entries()
-        torch.testing.assert_close(feats[:, 0], idx.float())  # each entry's index is its own
-    # after (0,2) (10,2) (20,3 -> only 20 fits, pointer wraps) (30) (40..43 -> 40..43 at 1..4, wraps)
-    assert ours.index.tolist() == [30, 40, 41, 42, 43]
+        assert int(ours.ptr) == int(ref.bank_ptr)
 
 
 def test_entries_are_detached_and_snapshot_restores():
@@ -49,13 +65,19 @@ def test_entries_are_detached_and_snapshot_restores():
     m.restore(snap)
     f2, i2 = m.entries()
     torch.testing.assert_close(f2, f)
-    assert i2.tolist() == [5, 6, 7] and int(m.bank_ptr) == 3
+    assert i2.tolist() == [5, 6, 7] and int(m.ptr) == 3
     with pytest.raises(ValueError):
         CrossBatchMemory(3, 2).restore(snap)
     with pytest.raises(ValueError):
         m.enqueue(torch.zeros(2, 5), torch.tensor([0, 1]))
     with pytest.raises(ValueError):
         CrossBatchMemory(0, 2)
+
+
+def test_memory_buffers_move_with_the_module_but_stay_out_of_the_state_dict():
+    m = CrossBatchMemory(4, 2).to(torch.float64)
+    assert m.bank.dtype == torch.float64 and m.index.dtype == torch.long
+    assert m.state_dict() == {}
 
 
 def test_dataset_bank_update_and_similarity():

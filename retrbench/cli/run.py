@@ -1,0 +1,198 @@
+"""``retrbench run`` and ``retrbench evaluate``: options generated from RunConfig and the registries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .main import UsageError, command
+
+FORMATS = ("markdown", "latex", "html", "csv")
+
+
+def _whiten(text: str) -> int | None:
+    if text.lower() in ("none", "no", "off"):
+        return None
+    try:
+        dim = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--whiten takes a dimension or 'none', got {text!r}") from None
+    if dim < 1:
+        raise argparse.ArgumentTypeError(f"--whiten dimension must be a positive integer (or 'none'), got {dim}")
+    return dim
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"--dataset-option expects KEY=VALUE, got {text!r}")
+    import yaml
+
+    return key.strip(), yaml.safe_load(value)
+
+
+def _choices(registry: Any) -> str:
+    """``name (help)`` for every entry, then the resolvers' prefixes."""
+    items = [f"{e.name} ({e.help.rstrip('.')})" if e.help else e.name for e in registry]
+    items += [f"{r.prefix}... ({r.help.rstrip('.')})" if r.prefix else r.help for r in registry.resolvers]
+    return "; ".join(items)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    from ..backbones import BACKBONES
+    from ..config import RunConfig, field_help
+    from ..datasets import DATASETS
+    from ..pooling import POOLINGS
+    from ..rerank import RERANKERS
+
+    d, h = RunConfig(), field_help()
+    p.add_argument("--model", default=d.model, help=f"{h['model']} Known: {', '.join(BACKBONES.list())}, or {', '.join(r.prefix + '...' for r in BACKBONES.resolvers if r.prefix)} (default %(default)s)")
+    p.add_argument("--weights", default=None, help=h["weights"])
+    p.add_argument("--dataset", default=d.dataset, help=f"{h['dataset']} {_choices(DATASETS)} (default %(default)s)")
+    p.add_argument("--data-root", default=None, help=h["data_root"])
+    p.add_argument("--image-size", type=int, default=None, help=h["image_size"])
+    p.add_argument("--query-resize", choices=("crop", "full"), default=d.query_resize, help=h["query_resize"])
+    p.add_argument("--pooling", default=str(d.pooling), help=f"NAME[:key=value,...]: {_choices(POOLINGS)} (default %(default)s)")
+    p.add_argument("--whiten", type=_whiten, default=d.whiten, help=f"{h['whiten']} Give a dimension or 'none' (default %(default)s)")
+    p.add_argument("--whiten-source", default=None, help=h["whiten_source"])
+    p.add_argument("--rerank", default=str(d.rerank), help=f"none, or steps joined by '+' run in the order written (dba+aqe+dfs), each NAME[:key=value,...]: {_choices(RERANKERS)} (default %(default)s)")
+    p.add_argument("--bn-recalibrate", type=int, default=d.bn_recalibrate, metavar="N", help=h["bn_recalibrate"])
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=h["batch_size"] + " (default %(default)s)")
+    p.add_argument("--device", default=d.device, help=h["device"])
+    p.add_argument("--workers", type=int, default=d.workers, help=h["workers"] + " (default %(default)s)")
+    p.add_argument("--dataset-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help=h["dataset_options"] + " (repeatable)")
+    p.add_argument("--topk", type=int, default=None, help=h["topk"])
+    p.add_argument("--allow-missing", action="store_true", help=h["allow_missing"])
+    p.add_argument("--format", choices=FORMATS, default="markdown", help="table format printed (default %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write rows, timings and notes as JSON to FILE ('-': print JSON instead of the table)")
+    p.add_argument("--results-dir", default="results", help="append tidy rows to DIR/results.jsonl ('none' to skip; default %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config(a: argparse.Namespace) -> Any:
+    from ..config import RunConfig
+    from ..pipeline import check_config
+
+    try:
+        cfg = RunConfig(
+            model=a.model,
+            weights=a.weights,
+            dataset=a.dataset,
+            data_root=a.data_root,
+            image_size=a.image_size,
+            query_resize=a.query_resize,
+            pooling=a.pooling,
+            whiten=a.whiten,
+            whiten_source=a.whiten_source,
+            rerank=a.rerank,
+            batch_size=a.batch_size,
+            bn_recalibrate=a.bn_recalibrate,
+            device=a.device,
+            workers=a.workers,
+            allow_missing=a.allow_missing,
+            dataset_options=tuple(a.dataset_option),
+            topk=a.topk,
+        )
+        check_config(cfg)
+    except (KeyError, ValueError, TypeError) as e:
+        raise UsageError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
+    return cfg
+
+
+def _write_json(path: str, payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, indent=1, default=str, allow_nan=False)
+    if path == "-":
+        print(text)
+        return
+    from ..utils.io import atomic_write_text
+
+    atomic_write_text(path, text + "\n")
+
+
+@command(
+    "run",
+    args=_run_args,
+    order=0,
+    help="extract, whiten, search, rerank and evaluate one configuration",
+    examples=(
+        "retrbench run --model efficientnet_lite0 --dataset demo --pooling gem --whiten none",
+        "retrbench run --model efficientnet_lite0 --dataset demo --rerank dba+aqe --format latex",
+        "retrbench run --model simclr2x+simclr4x --dataset roxford5k --pooling rmac --whiten 512 --whiten-source rparis6k",
+        "retrbench run --model timm:resnet50 --weights my.pth --dataset folder:/photos --json -",
+    ),
+)
+def cmd_run(a: argparse.Namespace) -> int:
+    import warnings
+
+    from ..pipeline import WhiteningNote, run
+    from ..results import render
+
+    cfg = _config(a)
+    results_dir = None if a.results_dir.lower() == "none" else a.results_dir
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WhiteningNote)  # printed below as a note
+        res = run(cfg, results_dir=results_dir, progress=not a.no_progress and sys.stderr.isatty())
+    i = res.info
+    if a.json:
+        _write_json(a.json, {"config": cfg.to_dict(), "rows": res.rows, "info": i})
+    if a.json != "-":
+        print(render(res.table(), a.format))
+    note = i.get("whitening", {}).get("note")
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    print(
+        f"{res.config.model} on {res.config.dataset}: {i['total_s']:.1f} s "
+        f"(extraction {i['extract_s']:.1f} s, {i['cache_hits']} of {2 * len(cfg.models)} descriptor sets from cache)"
+        + (f"; rows appended to {i['results_file']}" if "results_file" in i else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from ..evaluation import PROTOCOLS
+
+    p.add_argument("--ranks", required=True, help=".npy integer array (queries, database), one row per query, best first")
+    p.add_argument("--gnd", required=True, help="ground-truth pickle (gnd_*.pkl: imlist, qimlist, gnd)")
+    p.add_argument("--protocol", default="revisited", choices=PROTOCOLS.list(), help="; ".join(f"{e.name}: {e.help}" for e in PROTOCOLS) + " (default %(default)s)")
+    p.add_argument("--kappas", default="1,5,10", help="k values of mP@k (default %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+    p.add_argument("--format", choices=FORMATS, default="markdown", help="(default %(default)s)")
+
+
+@command(
+    "evaluate",
+    args=_evaluate_args,
+    order=1,
+    help="evaluate your own rankings against a ground-truth file",
+    examples=("retrbench evaluate --ranks ranks.npy --gnd gnd_roxford5k.pkl --protocol revisited --json out.json",),
+)
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from ..datasets import load_gnd_pickle
+    from ..evaluation import evaluate, gnd_from_pickle
+    from ..utils.render import render
+
+    try:
+        kappas = tuple(int(k) for k in a.kappas.split(",") if k.strip())
+    except ValueError:
+        raise UsageError(f"--kappas takes comma-separated integers, got {a.kappas!r}") from None
+    try:
+        ranks = np.load(a.ranks, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise OSError(f"cannot read --ranks {a.ranks}: {e}") from None
+    gnd = gnd_from_pickle(load_gnd_pickle(a.gnd), a.protocol)
+    metrics = evaluate(ranks, gnd, a.protocol, kappas=kappas)
+    df = pd.DataFrame([{"split": m.split, "metric": m.name, "value": m.value} for m in metrics])
+    if a.json:
+        _write_json(a.json, {"ranks": a.ranks, "gnd": a.gnd, "protocol": a.protocol, "metrics": df.to_dict("records")})
+    wide = df.assign(col=lambda t: (t.split.where(t.split != "all", "").str.capitalize() + " " + t.metric).str.strip())
+    wide = wide.set_index("col")["value"].to_frame().T
+    wide.index = pd.Index([Path(a.ranks).name], name="ranks")
+    print(render(wide, a.format))
+    return 0

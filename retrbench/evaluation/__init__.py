@@ -1,0 +1,33 @@
+"""Evaluation stage: rankings + ground truth -> metrics, exactly as the reference code computes them.
+
+:mod:`.core` holds the vectorised AP / P@k (identical to revisitop's ``compute_map``, see its
+docstring for every convention); :mod:`.protocols` the :data:`PROTOCOLS` registry and
+:func:`evaluate`. A new protocol is one function registered in :data:`PROTOCOLS`.
+"""
+
+from .core import Gnd, MapResult, average_precision, compute_map
+from .protocols import (
+    PROTOCOLS,
+    ProtocolInfo,
+    evaluate,
+    gldv2_protocol,
+    gnd_from_pickle,
+    map_at_k,
+    per_query_ap,
+    precision_at_k,
+)
+
+__all__ = [
+    "Gnd",
+    "MapResult",
+    "PROTOCOLS",
+    "ProtocolInfo",
+    "average_precision",
+    "compute_map",
+    "evaluate",
+    "gldv2_protocol",
+    "gnd_from_pickle",
+    "map_at_k",
+    "per_query_ap",
+    "precision_at_k",
+]

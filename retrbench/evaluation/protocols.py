@@ -1,0 +1,290 @@
+"""Evaluation protocols: the :data:`PROTOCOLS` registry, :func:`evaluate` and per-query AP.
+
+Each protocol is ``(ranks (Q, K), gnd, kappas) -> list[Metric]`` built on the vectorised
+labelling of :mod:`retrbench.evaluation.core`: ``revisited`` (Easy / Medium / Hard), ``classic``
+(Oxford / Paris), ``ukbench`` (N-S), ``map`` (generic, with R@k) and ``gldv2`` (mAP@100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..registry import EntryInfo, Registry
+from ..types import Metric, SearchResult
+from .core import (
+    Gnd,
+    MapResult,
+    _ap,
+    _as_ranks,
+    _check_kappas,
+    _count_within,
+    _gnd_sets,
+    _hits,
+    _label,
+    _mean,
+    _result,
+    compute_map,
+)
+
+__all__ = ["PROTOCOLS", "ProtocolInfo", "evaluate", "gnd_from_pickle", "gldv2_protocol", "map_at_k", "per_query_ap", "precision_at_k"]
+
+ProtocolFn = Callable[[np.ndarray, Gnd, Sequence[int]], "list[Metric]"]
+
+
+
+@dataclass(frozen=True)
+class ProtocolInfo(EntryInfo):
+    """Metadata of a registered protocol (``help`` is the one-line description).
+
+    Attributes:
+        keys: ground-truth keys every query must have (``bbx`` and other keys are ignored).
+        splits: the ``Metric.split`` values the protocol reports.
+    """
+
+    keys: tuple[str, ...] = ()
+    splits: tuple[str, ...] = ()
+
+
+PROTOCOLS: Registry[ProtocolFn] = Registry("protocol", ProtocolInfo)
+
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+def _percent_metrics(split: str, res: MapResult, kappas: Sequence[int]) -> list[Metric]:
+    out = [Metric(split, "mAP", 100.0 * res.map)]
+    out += [Metric(split, f"mP@{k}", 100.0 * float(v)) for k, v in zip(kappas, res.mpr, strict=True)]
+    return out
+
+
+@PROTOCOLS.register(
+    "revisited",
+    aliases=("revisitop",),
+    info=ProtocolInfo(keys=("easy", "hard", "junk"), splits=("easy", "medium", "hard"), help="revisited Oxford/Paris: Easy, Medium, Hard"),
+)
+def revisited_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)) -> list[Metric]:
+    """Revisited Oxford / Paris (Radenović et al. 2018): mAP and mP@k per Easy / Medium / Hard split.
+
+    Easy: positives ``easy``, junk ``junk + hard``; Medium: positives ``easy + hard``, junk
+    ``junk``; Hard: positives ``hard``, junk ``junk + easy``. Values in percent.
+    """
+    arr = _as_ranks(ranks, len(gnd))
+    kappas = _check_kappas(kappas)
+    sets = _gnd_sets(gnd, ("easy", "hard", "junk"), protocol="revisited")
+    lab = _label(arr, [sets["easy"], sets["hard"], sets["junk"]])
+    easy, hard, junk = 0b001, 0b010, 0b100
+    out: list[Metric] = []
+    for split, pos_bits, junk_bits in (("easy", easy, junk | hard), ("medium", easy | hard, junk), ("hard", hard, junk | easy)):
+        out += _percent_metrics(split, _result(_hits(lab, pos_bits, junk_bits), kappas), kappas)
+    return out
+
+
+@PROTOCOLS.register(
+    "classic",
+    info=ProtocolInfo(keys=("ok", "junk"), splits=("all",), help="original Oxford5k / Paris6k: positives good+ok, junk ignored"),
+)
+def classic_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)) -> list[Metric]:
+    """Original Oxford5k / Paris6k protocol: positives ``ok`` (good + ok), ``junk`` removed; mAP and mP@k in percent."""
+    return _percent_metrics("all", compute_map(ranks, gnd, kappas), _check_kappas(kappas))
+
+
+@PROTOCOLS.register(
+    "ukbench",
+    info=ProtocolInfo(keys=("ok", "junk"), splits=("all",), help="UKBench: N-S score (relevant images in the top 4, 0-4) and mAP"),
+)
+def ukbench_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)) -> list[Metric]:
+    """UKBench (Nistér & Stewénius 2006): ``N-S`` = mean number of ``ok`` in the top 4 (0-4), and mAP in percent.
+
+    The query image itself is normally in the database and in its own ``ok`` list. Junk is
+    removed before taking the top 4; ``kappas`` is accepted for a uniform signature and unused.
+    """
+    arr = _as_ranks(ranks, len(gnd))
+    sets = _gnd_sets(gnd, ("ok", "junk"), protocol="ukbench")
+    h = _hits(_label(arr, [sets["ok"], sets["junk"]]), 0b01, 0b10)
+    ns = _mean(_count_within(h, 4), h.valid)
+    return [Metric("all", "N-S", float(ns)), Metric("all", "mAP", 100.0 * _mean(_ap(h), h.valid))]
+
+
+@PROTOCOLS.register(
+    "map",
+    info=ProtocolInfo(keys=("ok", "junk"), splits=("all",), help="generic: mAP, mP@k and recall@k"),
+)
+def map_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)) -> list[Metric]:
+    """Generic: mAP, mP@k and ``R@k`` (percent of queries with a positive in the junk-free top k)."""
+    arr = _as_ranks(ranks, len(gnd))
+    kappas = _check_kappas(kappas)
+    sets = _gnd_sets(gnd, ("ok", "junk"), protocol="map")
+    h = _hits(_label(arr, [sets["ok"], sets["junk"]]), 0b01, 0b10)
+    out = _percent_metrics("all", _result(h, kappas), kappas)
+    first = np.full(h.n_pos.size, np.inf)
+    found = h.n_found > 0
+    first[found] = h.pos[h.start()[found]]
+    for k in kappas:
+        out.append(Metric("all", f"R@{k}", 100.0 * _mean((first < k).astype(np.float64), h.valid)))
+    return out
+
+
+def gnd_from_pickle(data: Mapping[str, Any] | Gnd, protocol: str = "revisited") -> list[dict[str, np.ndarray]]:
+    """Ground truth as ``evaluate`` takes it, from a loaded ``gnd_*.pkl``.
+
+    Args:
+        data: the dict returned by :func:`retrbench.datasets.groundtruth.load_gnd_pickle`
+            (its ``gnd`` list is used), or that list itself.
+        protocol: a :data:`PROTOCOLS` name; selects the keys kept (``easy``/``hard``/``junk``
+            for ``revisited``, ``ok``/``junk`` otherwise). ``bbx`` and other keys are dropped.
+
+    Returns:
+        Q dicts mapping each key to a 1-D int64 array of database indices.
+    """
+    entries = data["gnd"] if isinstance(data, Mapping) else data
+    keys = PROTOCOLS.get(protocol).info.keys
+    sets = _gnd_sets(entries, keys, protocol=protocol)
+    per_key = {k: sets[k].split() for k in keys}
+    return [{k: per_key[k][q] for k in keys} for q in range(len(entries))]
+
+
+def evaluate(
+    ranks: np.ndarray | SearchResult,
+    gnd: Gnd,
+    protocol: str = "revisited",
+    kappas: Sequence[int] = (1, 5, 10),
+) -> list[Metric]:
+    """Evaluate rankings under a protocol of :data:`PROTOCOLS`.
+
+    Args:
+        ranks: ``(Q, K)`` integer database indices, one row per query, best first (or a
+            :class:`~retrbench.types.SearchResult`, whose ``indices`` are used); ``-1`` = nothing.
+        gnd: ``Q`` per-query mappings with the protocol's keys (``easy``/``hard``/``junk`` for
+            ``revisited``, ``ok``/``junk`` otherwise) as lists or integer arrays; other keys
+            such as ``bbx`` are ignored, so a raw ``gnd_*.pkl`` ``gnd`` list works as is.
+        protocol: ``revisited``, ``classic``, ``ukbench`` or ``map``.
+        kappas: the ``k`` of mP@k (and R@k).
+
+    Returns:
+        The protocol's metrics (percentages except UKBench's N-S), e.g. for ``revisited``
+        ``Metric("easy", "mAP", ...)``, ``Metric("easy", "mP@1", ...)``, ... for each split.
+
+    Raises:
+        ValueError: ranks not 2-D integer with one row per query, a query lacking a key the
+            protocol needs, non-integer or negative ids, non-positive kappas.
+        KeyError: unknown protocol (naming the closest known ones).
+    """
+    entry = PROTOCOLS.get(protocol)
+    if isinstance(gnd, Mapping):
+        raise ValueError("gnd: expected a sequence of per-query dicts; for a loaded gnd_*.pkl pass data['gnd'] or use gnd_from_pickle")
+    arr = _as_ranks(ranks, len(gnd))
+    kappas = _check_kappas(kappas)
+    return entry.factory(arr, gnd, kappas)  # the factory checks gnd, naming the protocol
+
+
+def per_query_ap(ranks: np.ndarray | SearchResult, gnd: Gnd, protocol: str = "revisited") -> dict[str, np.ndarray]:
+    """Average precision of every query, per split, as fractions in [0, 1].
+
+    ``revisited`` gives ``easy`` / ``medium`` / ``hard``; ``classic``, ``map`` and ``ukbench``
+    give ``all``; queries without positives in a split are ``nan`` (left out of the means).
+    Other protocols (``gldv2``'s mAP@100) return an empty dict.
+
+    Returns:
+        split -> ``(Q,)`` float64 array, in ground-truth query order.
+    """
+    entry = PROTOCOLS.get(protocol)
+    arr = _as_ranks(ranks, len(gnd))
+    if entry.name == "revisited":
+        sets = _gnd_sets(gnd, ("easy", "hard", "junk"), protocol="revisited")
+        lab = _label(arr, [sets["easy"], sets["hard"], sets["junk"]])
+        easy, hard, junk = 0b001, 0b010, 0b100
+        splits = (("easy", easy, junk | hard), ("medium", easy | hard, junk), ("hard", hard, junk | easy))
+        return {name: _ap(_hits(lab, pos, jk)) for name, pos, jk in splits}
+    if entry.name in ("classic", "map", "ukbench"):
+        sets = _gnd_sets(gnd, ("ok",), ("junk",), protocol=entry.name)
+        return {"all": _ap(_hits(_label(arr, [sets["ok"], sets["junk"]]), 0b01, 0b10))}
+    return {}
+
+
+# GLDv2 retrieval challenge metric (Weyand et al. 2020; Kaggle / DELF definition)
+
+
+def _relevance(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(Q, k)`` bool relevance of the first ``k`` junk-free results, and ``(Q,)`` positives per query."""
+    arr = np.asarray(ranks)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"ranks: expected a 2-D (Q, K) integer array, got shape {arr.shape}, dtype {arr.dtype}")
+    if arr.shape[0] != len(gnd):
+        raise ValueError(f"ranks: {arr.shape[0]} rows for {len(gnd)} ground-truth queries (one row per query)")
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    rel = np.zeros((arr.shape[0], k), dtype=bool)
+    n_pos = np.zeros(arr.shape[0], dtype=np.int64)
+    for q, g in enumerate(gnd):
+        if "ok" not in g:
+            raise ValueError(f"gnd[{q}] lacks key 'ok' (has {sorted(map(str, g))})")
+        ok = np.unique(np.asarray(g["ok"], dtype=np.int64).reshape(-1))
+        junk = np.asarray(g.get("junk", ()), dtype=np.int64).reshape(-1)
+        n_pos[q] = ok.size
+        row = arr[q]
+        row = row[(row != -1) & ~np.isin(row, junk)][:k]
+        _, first = np.unique(row, return_index=True)
+        once = np.zeros(row.size, dtype=bool)
+        once[first] = True  # a repeated id takes a position but is relevant only once
+        rel[q, : row.size] = np.isin(row, ok) & once
+    return rel, n_pos
+
+
+def map_at_k(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], k: int = 100) -> float:
+    """GLDv2 / Kaggle mean average precision at ``k``, in percent.
+
+    Args:
+        ranks: ``(Q, K)`` database indices, best first (``-1`` = nothing); ``K`` may be < ``k``.
+        gnd: ``Q`` mappings with ``ok`` (relevant database indices) and optional ``junk``.
+        k: cut-off (100 for GLDv2).
+
+    Returns:
+        ``100 * mean_q (1 / min(m_q, k)) * sum_{i<=k} P_q(i) rel_q(i)`` over the queries with
+        ``m_q >= 1`` relevant images; ``nan`` when there is none.
+    """
+    rel, n_pos = _relevance(ranks, gnd, k)
+    valid = n_pos > 0
+    if not valid.any():
+        return float("nan")
+    hits = np.cumsum(rel, axis=1)
+    prec = hits / np.arange(1, k + 1)
+    ap = (prec * rel).sum(axis=1)[valid] / np.minimum(n_pos[valid], k)
+    return float(100.0 * ap.mean())
+
+
+def precision_at_k(ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], kappas: Sequence[int]) -> np.ndarray:
+    """``(len(kappas),)`` mean P@k in percent as DELF's ``MeanPrecisions``: relevant in the top k / k."""
+    kmax = max(int(k) for k in kappas)
+    rel, n_pos = _relevance(ranks, gnd, kmax)
+    valid = n_pos > 0
+    if not valid.any():
+        return np.full(len(kappas), np.nan)
+    hits = np.cumsum(rel[valid], axis=1)
+    return np.array([100.0 * float(np.mean(hits[:, int(k) - 1] / int(k))) for k in kappas])
+
+
+@PROTOCOLS.register(
+    "gldv2",
+    info=ProtocolInfo(keys=("ok", "junk"), splits=("all",), help="GLDv2 retrieval: mAP@100 (Kaggle / DELF) and mP@k"),
+)
+def gldv2_protocol(
+    ranks: np.ndarray, gnd: Sequence[Mapping[str, Any]], kappas: Sequence[int] = (1, 5, 10)
+) -> list[Metric]:
+    """GLDv2 retrieval: ``mAP@100`` (Kaggle / DELF) and ``mP@k`` (relevant in the top k / k), in percent.
+
+    A repeated id takes a position but counts once (as DELF); ``-1`` and junk are removed first.
+    """
+    kappas = tuple(int(k) for k in kappas)
+    if any(k < 1 for k in kappas):
+        raise ValueError(f"kappas must be positive integers, got {kappas}")
+    out = [Metric("all", "mAP@100", map_at_k(ranks, gnd, 100))]
+    if kappas:
+        out += [
+            Metric("all", f"mP@{k}", float(v)) for k, v in zip(kappas, precision_at_k(ranks, gnd, kappas), strict=True)
+        ]
+    return out

@@ -1,0 +1,38 @@
+"""Reranking after global search: every reranker maps a :class:`RankState` to a new one.
+
+    from retrbench.rerank import rerank
+    result = rerank("dba+aqe+dfs", queries, database, global_result)
+
+Modules: :mod:`.base` (the contract, the registry, specs and running them), :mod:`.qe`
+(``aqe``, ``dba``), :mod:`.diffusion` (``dfs``, ``dfs-offline``), :mod:`.graphs` (the
+database's kNN lists), :mod:`.cache` (what is computed from the database alone is kept).
+A new reranker is one module registering a factory in :data:`RERANKERS`, plus its import
+line below (see :mod:`.base`).
+"""
+
+from __future__ import annotations
+
+# importing the entry modules registers them
+from . import diffusion as diffusion
+from . import qe as qe
+from .base import RERANKERS, RankState, Reranker, RerankerInfo, build_reranker, pipeline_label, pipeline_order, rerank
+from .cache import clear_cache
+from .diffusion import DiffusionParams, diffusion_graph, offline_diffusion
+from .graphs import EXACT_KNN_MAX_N, database_knn
+
+__all__ = [
+    "EXACT_KNN_MAX_N",
+    "RERANKERS",
+    "DiffusionParams",
+    "RankState",
+    "Reranker",
+    "RerankerInfo",
+    "build_reranker",
+    "clear_cache",
+    "database_knn",
+    "diffusion_graph",
+    "offline_diffusion",
+    "pipeline_label",
+    "pipeline_order",
+    "rerank",
+]

@@ -1,0 +1,265 @@
+"""Safe checkpoint reading for every stage that loads weights (backbones, training).
+
+Every PyTorch file is read on CPU with ``torch.load(weights_only=True)``: tensors, plain
+containers and numbers, plus only the extra globals a caller allow-lists explicitly
+(``allow=``: :data:`NUMPY_GLOBALS` for numpy arrays, :func:`sklearn_pca_globals` for the
+scikit-learn ``PCA`` that deep-image-retrieval pickles). A file that asks for anything else is
+refused with a :class:`CheckpointError` naming the global; nothing from it is imported or run.
+
+* :func:`read_checkpoint`: the whole object (state dict beside hyperparameters, epochs, PCAs).
+* :func:`read_state_dict`: a flat ``{name: tensor}`` mapping, at the top level, under a given
+  ``key``, or under the first of ``nested`` keys that holds one (:data:`NESTED_KEYS`:
+  ``state_dict``, ``model``, ``state_dict_ema``, ``model_ema``); ``.safetensors`` files too;
+  an optional prefix carried by every key (``module.`` of ``nn.DataParallel``) stripped.
+* :func:`tensor_mapping`, :func:`top_level`, :func:`strip_prefix`: the structure checks the
+  readers use, for callers that read a whole checkpoint and pick its parts themselves.
+
+Example::
+
+    sd = read_state_dict("net.pth.tar", nested=NESTED_KEYS, strip="module.")
+    ck = read_checkpoint("Resnet-101-AP-GeM.pt", allow=sklearn_pca_globals(), fmt="GeM-AP")
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NESTED_KEYS",
+    "NUMPY_GLOBALS",
+    "CheckpointError",
+    "read_checkpoint",
+    "read_state_dict",
+    "sklearn_pca_globals",
+    "strip_prefix",
+    "tensor_mapping",
+    "top_level",
+]
+
+NESTED_KEYS: tuple[str, ...] = ("state_dict", "model", "state_dict_ema", "model_ema")
+"""Top-level keys under which training scripts (timm, torchvision references, MoCo ...) store the weights."""
+
+_SHOW = 10  # keys listed in error messages
+
+
+class CheckpointError(ValueError):
+    """A weights file that exists but cannot be used (corrupt, unsafe or wrongly structured)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Allow-lists
+
+
+def _numpy_globals() -> list[Any]:
+    """numpy arrays and scalars of numeric dtypes, under both numpy 1.x and 2.x module names."""
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray  # numpy 2 / numpy 1
+    out: list[Any] = [np.ndarray, np.dtype]
+    for fn in ("_reconstruct", "scalar"):
+        f = getattr(core, fn)
+        out += [(f, f"numpy.core.multiarray.{fn}"), (f, f"numpy._core.multiarray.{fn}")]
+    # numpy >= 1.25 gives each dtype its own class, which unpickling must be allowed to build
+    out += sorted({type(np.dtype(c)) for c in "?bBhHiIlLqQefdgFDG"} - {np.dtype}, key=str)
+    return out
+
+
+NUMPY_GLOBALS: list[Any] = _numpy_globals()
+"""numpy's array / scalar / dtype reconstruction: all an array of numbers needs (no object arrays' contents are code)."""
+
+
+@functools.cache
+def sklearn_pca_globals() -> list[Any]:
+    """:data:`NUMPY_GLOBALS` plus scikit-learn's ``PCA`` under its current and pre-0.22 module names.
+
+    deep-image-retrieval pickled its PCAs with scikit-learn < 0.22, where ``PCA`` lived in
+    ``sklearn.decomposition.pca``. Imports scikit-learn on first call.
+    """
+    from sklearn.decomposition import PCA
+
+    return [*NUMPY_GLOBALS, PCA, (PCA, "sklearn.decomposition.pca.PCA")]
+
+
+def _global_name(g: Any) -> str:
+    if isinstance(g, tuple):
+        return g[1]
+    return f"{getattr(g, '__module__', '?')}.{getattr(g, '__qualname__', repr(g))}"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def _preview(keys: Sequence[object] | Mapping[Any, Any], n: int = _SHOW) -> str:
+    keys = list(keys)
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _first_line(msg: str) -> str:
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(\n\n|$)", msg, re.S)
+    return (detail.group(1) if detail else msg).strip().splitlines()[0][:300]
+
+
+def _existing(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file not found: {p}" + (" (it is a directory)" if p.is_dir() else ""))
+    return p
+
+
+def read_checkpoint(path: str | Path, *, allow: Sequence[Any] = (), fmt: str = "PyTorch") -> Any:
+    """The whole object of a PyTorch checkpoint, read on CPU with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: checkpoint file.
+        allow: extra globals the file may name, as ``torch.serialization.safe_globals`` takes
+            them: a class or function, or ``(object, "name.in.the.file")`` for a class pickled
+            under an older module path. Only data-holding classes belong here (numpy arrays, a
+            scikit-learn PCA); nothing else in the file can be imported or called.
+        fmt: name of the expected format, used in error messages.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is truncated or not a PyTorch checkpoint, or it asks for a
+            global outside the allow-list (the global is named and nothing from it is run).
+    """
+    p = _existing(path)
+    # Only add what is not already allowed: leaving the context removes the globals it added.
+    already = set(torch.serialization.get_safe_globals())
+    extra = [g for g in allow if g not in already]
+    try:
+        with torch.serialization.safe_globals(extra):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = str(e)
+        allowed = sorted({_global_name(g) for g in allow})
+        allowed_txt = (
+            f"allowed beyond tensors and plain containers: {', '.join(allowed)}"
+            if allowed
+            else "only tensors and plain containers are allowed"
+        )
+        wanted = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"but got <class '([\w.]+)'>", msg)
+        wanted = wanted or re.search(r"unrecognized function (\S+)", msg)
+        if wanted:
+            raise CheckpointError(
+                f"{p}: refused: reading it would import or call {wanted.group(1)}, which is not on the "
+                f"allow-list for {fmt} checkpoints ({allowed_txt}). Nothing from the file was run. Either it "
+                f"is not a {fmt} checkpoint, or it holds objects that need arbitrary unpickling; re-save "
+                f"its tensors (torch.save(state_dict, ...)) from a trusted environment."
+            ) from e
+        raise CheckpointError(f"{p}: truncated or not a PyTorch checkpoint ({_first_line(msg)})") from e
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{p}: truncated or not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    except OSError as e:  # e.g. "[Errno 22] Invalid argument" from a zip cut before its directory
+        if isinstance(e, PermissionError):
+            raise
+        raise CheckpointError(f"{p}: truncated or not a PyTorch checkpoint (OSError: {e})") from e
+
+
+def _read_safetensors(p: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(p), device="cpu"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: truncated or not a safetensors file ({e})") from e
+
+
+def _is_flat(obj: object) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def read_state_dict(
+    path: str | Path,
+    *,
+    key: str | None = None,
+    nested: Sequence[str] = (),
+    strip: str = "",
+    allow: Sequence[Any] = (),
+    fmt: str = "PyTorch",
+) -> dict[str, Tensor]:
+    """A flat ``{name: tensor}`` state dict from a PyTorch checkpoint or a ``.safetensors`` file.
+
+    Args:
+        path: the file (``.safetensors`` by suffix; anything else through :func:`read_checkpoint`).
+        key: the top-level entry that must hold the state dict (e.g. ``"state_dict"``).
+        nested: without ``key``: top-level entries to look in, in order, when the file itself
+            is not the flat mapping (e.g. :data:`NESTED_KEYS`). Empty: the file must be flat.
+        strip: a prefix removed when every key carries it (``"module."`` of ``nn.DataParallel``).
+        allow, fmt: as for :func:`read_checkpoint`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: unreadable or unsafe file, or no flat mapping where one was expected
+            (the message names the keys found and, when the mapping is nested, ``key=``).
+    """
+    p = _existing(path)
+    if p.suffix == ".safetensors":
+        sd = _read_safetensors(p)
+    else:
+        obj = read_checkpoint(p, allow=allow, fmt=fmt)
+        if key is not None:
+            if not isinstance(obj, Mapping) or key not in obj:
+                found = f"keys {_preview(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}, not a mapping"
+                raise CheckpointError(f"{p}: expected the top-level key {key!r}; found {found}")
+            sd = tensor_mapping(obj[key], p, f"under {key!r}")
+        elif nested and not _is_flat(obj):
+            inner = [k for k in nested if isinstance(obj, Mapping) and _is_flat(obj.get(k))]
+            if not inner:
+                found = f"keys {_preview(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+                raise CheckpointError(
+                    f"{p}: no state dict found: expected a flat mapping of names to tensors, at the top level or "
+                    f"under one of {list(nested)}; found {found}"
+                )
+            sd = dict(obj[inner[0]])
+        else:
+            hint = ""
+            if isinstance(obj, Mapping):
+                inner = [k for k in obj if isinstance(obj[k], Mapping)]
+                hint = f"; pass key= one of {inner!r} if it holds the weights" if inner else ""
+            sd = tensor_mapping(obj, p, "at the top level", hint=hint)
+    return strip_prefix(sd, strip) if strip else sd
+
+
+# --------------------------------------------------------------------------------------------
+# Structure checks
+
+
+def tensor_mapping(obj: Any, path: str | Path, where: str, *, hint: str = "") -> dict[str, Tensor]:
+    """``obj`` as a flat ``{name: tensor}`` dict; else a CheckpointError naming ``where`` and what was found."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{path}: expected a mapping of parameter names to tensors {where}; found a {type(obj).__name__}"
+        )
+    bad = [k for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
+    if bad:
+        raise CheckpointError(
+            f"{path}: expected a flat mapping of parameter names to tensors {where}; found keys "
+            f"{_preview(obj)} of which {len(bad)} are not str -> tensor ({_preview(bad, 5)}){hint}"
+        )
+    return dict(obj)
+
+
+def top_level(obj: Any, path: str | Path, required: Sequence[str], fmt: str, layout: str) -> Mapping[str, Any]:
+    """``obj`` as a mapping holding every key of ``required``; else a CheckpointError describing both layouts."""
+    if not isinstance(obj, Mapping) or any(k not in obj for k in required):
+        found = f"keys {_preview(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise CheckpointError(f"{path}: not a {fmt} checkpoint: expected {layout}; found {found}")
+    return obj
+
+
+def strip_prefix(sd: Mapping[str, Tensor], prefix: str = "module.") -> dict[str, Tensor]:
+    """Remove ``prefix`` from every key when all keys carry it (``nn.DataParallel``'s ``module.``)."""
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix) :]: v for k, v in sd.items()}
+    return dict(sd)
