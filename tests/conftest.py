@@ -35,20 +35,21 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Keep every test's caches and data out of the user's home (session-wide, so that
-    module-scoped fixtures see the same roots as the tests)."""
+    """Keep every test's caches, data and default ``results/`` folder out of the user's home and
+    the repository (session-wide, so that module-scoped fixtures see the same roots as the tests)."""
     root = tmp_path_factory.getbasetemp() / "retrbench-cache"
+    cwd = tmp_path_factory.mktemp("cwd")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RETRBENCH_CACHE", str(root))
         mp.setenv("RETRBENCH_DATA", str(root / "data"))
+        mp.chdir(cwd)
         yield
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread_for_backbone_tests(request: pytest.FixtureRequest):
     """Backbone tests run small inputs: one intra-op thread is fast there, and immune to
-    busy-waiting on a loaded machine. (A conftest.py in tests/backbones would shadow this
-    module for ``from conftest import shared_path``.)"""
+    busy-waiting on a loaded machine."""
     if request.path.parent.name != "backbones":
         yield
         return

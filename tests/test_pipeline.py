@@ -95,3 +95,40 @@ def test_bn_recalibration_uses_a_copy_and_its_own_cache(tiny_folder):
 def test_native_pooling_needs_a_model_with_a_head(tiny_folder):
     with pytest.raises(ValueError, match="no native global descriptor"):
         rb.run(model="random", dataset=f"folder:{tiny_folder}", pooling="native", workers=0)
+
+
+def test_run_records_labels_ids_per_query_ap_and_defaults_to_results_dir(tiny_folder):
+    from pathlib import Path
+
+    res = rb.run(model="random", dataset=f"folder:{tiny_folder}", pooling="gem:p=4", rerank="aqe", workers=0)
+    # like the CLI, rb.run appends to ./results/results.jsonl unless told otherwise
+    assert Path(res.info["results_file"]).resolve() == (Path.cwd() / "results" / "results.jsonl").resolve()
+    row = res.rows[0]
+    assert (row["model_label"], row["pooling_label"], row["rerank_label"]) == ("Random", "GeM(p=4)", "G+AQE")
+    assert row["pooling"] == "gem:p=4" and row["rerank"] == "aqe" and row["dataset_label"] == tiny_folder.name
+    assert res.query_ids == ("o0_v0.png", "o1_v0.png", "o2_v0.png") and res.database_ids == ("o0_v1.png", "o1_v1.png", "o2_v1.png")
+    pq = res.per_query
+    assert list(pq.image) == list(res.query_ids)
+    assert pq.AP.mean() == pytest.approx(res.value("mAP"))
+
+
+def test_whitening_cap_is_a_warning_and_bad_names_fail_before_work(tiny_folder):
+    with pytest.warns(rb.pipeline.WhiteningNote, match="capped to 2"):
+        res = rb.run(model="random", dataset=f"folder:{tiny_folder}", whiten=64, workers=0, results_dir=None)
+    assert res.info["whitening"]["capped"]
+    with pytest.raises(KeyError, match="did you mean 'aqe'"):
+        rb.run(model="random", dataset=f"folder:{tiny_folder}", rerank="aqee", results_dir=None)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        rb.run(model="random", dataset=f"folder:{tiny_folder}", pooling="gem:z=1", results_dir=None)
+
+
+def test_results_dir_that_is_a_file_fails_before_any_work(tiny_folder, tmp_path, monkeypatch):
+    import retrbench.pipeline as pipeline
+
+    def no_extraction(*a, **k):  # pragma: no cover - must not be reached
+        raise AssertionError("extraction ran before the results folder was checked")
+
+    monkeypatch.setattr(pipeline, "dataset_features", no_extraction)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        rb.run(model="random", dataset=f"folder:{tiny_folder}", results_dir=tmp_path / "file")

@@ -220,3 +220,31 @@ def test_regions_array_is_a_fresh_copy() -> None:
     a[:] = -1
     assert (rmac_regions(8, 8) >= 0).all()
     assert isinstance(a, np.ndarray) and a.dtype == np.int64
+
+
+@pytest.mark.parametrize("name", POOLINGS.list())
+def test_every_pooling_entry(name):
+    """Registry-wide: every pooling builds with its defaults, maps (B, C, H, W) to finite (B, C),
+    round-trips through its spec, and carries a label and help for tables and the CLI."""
+    from retrbench.pooling import pooling_label
+    from retrbench.specs import parse_step
+
+    entry = POOLINGS.get(name)
+    assert entry.label and entry.help and entry.label != entry.help
+    pool = POOLINGS.create(name)
+    assert parse_pooling(pool.spec).spec == pool.spec
+    assert pooling_label(str(parse_step(name))) == entry.label
+    x = torch.rand(2, 7, 5, 6, generator=torch.Generator().manual_seed(0)) + 0.01
+    if entry.info.native:  # fed the model's own (B, D) descriptor as a (B, D, 1, 1) map
+        x = x[:, :, :1, :1]
+    out = pool(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+    # each image is pooled on its own: batching never changes a descriptor
+    assert torch.allclose(pool(x[1:]), out[1:], atol=1e-6)
+    for k, default in entry.info.params.items():  # declared parameters are accepted with their defaults
+        assert POOLINGS.create(name, **{k: default}).spec == pool.spec
+
+
+def test_native_refuses_a_feature_map():
+    with pytest.raises(ValueError, match=r"native: expected the model's descriptor as a \(B, D, 1, 1\)"):
+        POOLINGS.create("native")(torch.rand(1, 4, 3, 3))

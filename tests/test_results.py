@@ -36,7 +36,7 @@ def test_wide_table_orders_splits_and_renders():
     df = pd.DataFrame(rows("m1") + rows("m2", "rmac"))
     t = wide_table(df)
     assert list(t.columns.get_level_values("split")) == ["easy", "medium", "medium", "hard"]
-    assert t.loc[("m2", "rmac", "512", "none"), ("demo", "hard", "mAP")] == 30.25
+    assert t.loc[("m2", "rmac", "none", "none"), ("demo", "hard", "mAP")] == 30.25
     md = render(t, "markdown").splitlines()
     assert [c.strip() for c in md[0].strip("|").split("|")] == ["model", "pooling", "whiten", "rerank", "Easy mAP", "Medium mAP", "Medium mP@5", "Hard mAP"]
     assert [c.strip() for c in md[3].strip("|").split("|")][-1] == "30.25"

@@ -125,3 +125,33 @@ def test_help_lists_every_registry_entry_and_examples(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--protocol", "revisted", "--ranks", "r.npy", "--gnd", "g.pkl"])
     assert "invalid choice: 'revisted'" in capsys.readouterr().err
+
+
+def _command_names():
+    from retrbench.cli.main import COMMANDS, _load_commands
+
+    _load_commands()
+    return COMMANDS.list()
+
+
+@pytest.mark.parametrize("name", _command_names())
+def test_every_command_has_help_and_examples(name, capsys):
+    """Registry-wide: each registered command parses --help, with a help line and examples."""
+    from retrbench.cli import COMMANDS
+
+    entry = COMMANDS.get(name)
+    assert entry.help and entry.info.examples
+    assert all(e.startswith(f"retrbench {name}") or e.startswith("retrbench ") for e in entry.info.examples)
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: retrbench {name}") and "examples:" in out and "--verbose" in out
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "retrbench", "--version"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("retrbench ")

@@ -463,3 +463,26 @@ def test_per_query_ap_matches_the_means_and_the_hand_worked_values():
     # one positive at 0-based position 4: trapezoid (0/4 + 1/5) / 2 = 0.1 (revisitop's rule)
     assert classic["all"] == pytest.approx([0.1, 1.0])
     assert per_query_ap(ranks, [{"ok": [4], "junk": []}, {"ok": [0], "junk": []}], "gldv2") == {}
+
+
+@pytest.mark.parametrize("name", PROTOCOLS.list())
+def test_every_protocol_entry(name):
+    """Registry-wide: each protocol reports exactly its declared splits, 100 % mAP for a perfect
+    ranking and less for the reversed one, and has a help line."""
+    entry = PROTOCOLS.get(name)
+    assert entry.help and entry.info.keys and entry.info.splits
+    n = 12
+    if "easy" in entry.info.keys:
+        gnd = [{"easy": [0, 1], "hard": [2], "junk": [3]}, {"easy": [4], "hard": [5, 6], "junk": []}]
+        relevant = [[0, 1, 2], [4, 5, 6]]
+    else:
+        gnd = [{"ok": [0, 1, 2, 3], "junk": [4]}, {"ok": [5, 6, 7, 8], "junk": []}]
+        relevant = [[0, 1, 2, 3], [5, 6, 7, 8]]
+    perfect = np.stack([np.array(r + [i for i in range(n) if i not in r]) for r in relevant])
+    good = evaluate(perfect, gnd, name)
+    bad = evaluate(perfect[:, ::-1].copy(), gnd, name)
+    assert {m.split for m in good} == set(entry.info.splits)
+    maps = [m for m in good if m.name.startswith("mAP")]
+    assert maps and all(m.value == pytest.approx(100.0) for m in maps)
+    worse = {(m.split, m.name): m.value for m in bad}
+    assert all(worse[(m.split, m.name)] < m.value for m in maps)
