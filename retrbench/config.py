@@ -18,7 +18,12 @@ from typing import Any
 from .specs import ModelRef, Pipeline, Step, parse_models, parse_pipeline, parse_step
 from .utils.io import stable_hash
 
-__all__ = ["RunConfig", "check_keys", "config_id", "field_help", "stable_hash"]
+# Pillow's DecompressionBombError threshold (2 x Image.MAX_IMAGE_PIXELS); equals
+# retrbench.utils.images.DEFAULT_MAX_PIXELS (a test checks), repeated here so that importing the
+# configuration does not import Pillow and torch.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+__all__ = ["DEFAULT_MAX_PIXELS", "RunConfig", "check_keys", "config_id", "field_help", "stable_hash"]
 
 
 def check_keys(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
@@ -67,6 +72,12 @@ class RunConfig:
         allow_missing: evaluate on the images present when a dataset is incomplete.
         dataset_options: extra keyword options of the dataset loader as ``(key, value)`` pairs,
             e.g. ``(("max_distractors", 1000),)`` or ``(("split", "public"),)``.
+        exif: apply the images' EXIF orientation (phone photos stored sideways); None uses the
+            dataset's default: on for folder: datasets, off for the benchmarks (read as stored,
+            as the reference code does).
+        max_pixels: images above this many pixels are refused with a clear error instead of
+            being decoded (decompression bombs); 0 or None: no limit. The default is Pillow's
+            own error threshold.
         topk: length of the ranking kept per query; None keeps the full ranking for databases
             up to 100,000 images and the top 1,000 beyond (100 for GLDv2's mAP@100).
     """
@@ -88,6 +99,8 @@ class RunConfig:
     allow_missing: bool = False
     dataset_options: tuple[tuple[str, Any], ...] = ()
     topk: int | None = None
+    exif: bool | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pooling", parse_step(self.pooling, "pooling spec"))
@@ -101,6 +114,8 @@ class RunConfig:
             raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}")
         if self.whiten is not None and self.whiten < 1:
             raise ValueError(f"whiten must be a positive dimension or None, got {self.whiten}")
+        if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or self.max_pixels < 0):
+            raise ValueError(f"max_pixels must be a number of pixels >= 0 (0 or None: no limit), got {self.max_pixels!r}")
         if self.topk is not None and self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         object.__setattr__(self, "dataset_options", tuple((str(k), v) for k, v in dict(self.dataset_options).items()))

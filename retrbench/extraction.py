@@ -1,22 +1,41 @@
 """Descriptor extraction: images -> backbone feature maps -> pooled ``(N, C)`` descriptors.
 
-Images are decoded in worker processes, resized so that the longer side is ``image_size``
-(up or down), optionally cropped to a query box, and batched with other images of the same
-size (no padding, so no pooled value is ever changed by batching). Descriptors are returned
-un-normalised, as the pooling gives them.
+Images are decoded in worker processes (:mod:`retrbench.utils.images`), and batched with other
+images of the same input size (no padding, so no pooled value is ever changed by batching).
+The batches are planned once for the whole image list (groups of equal size in first-seen
+order, ``batch_size`` at a time), so an interrupted and resumed extraction runs exactly the
+same batches as an uninterrupted one and gives bitwise the same descriptors. Descriptors are
+returned un-normalised, as the pooling gives them.
 
-Results are cached on disk under a key built from everything that determines them; the
-extraction writes finished chunks atomically, so an interrupted run resumes where it stopped.
+The on-disk store (:class:`FeatureCache`) of one descriptor set is a folder ``<dir>/<key>/``:
+
+* ``features.npy``: the ``(N, C)`` float32 array, written in place through a memory map (no
+  concatenation copy; read back memory-mapped, so 1M x 2048 costs no RAM until touched);
+* ``sizes.npy``: ``(N, 2)`` input sizes of the planned batches, and ``plan.json`` (batch size);
+* ``progress.log``: one line of finished batch numbers per flush, appended after the rows are
+  flushed to disk, so a killed run loses at most ``flush_seconds`` of work (a torn last line
+  is ignored);
+* ``files.npy``: ``(N, 2)`` size and modification time (ns) of every image when extracted; a
+  file changed since (same name, new content) is extracted again, with its batch;
+* ``meta.json``: what determines the descriptors, written last and atomically: the commit mark.
+
+A lock file serialises concurrent runs on the same set (the second waits, then reuses the
+result). A cache folder that cannot be written (read-only, full) is reported with a warning and
+the extraction continues in memory. Non-finite descriptors (NaN / inf) are an error naming the
+images and are never stored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
-from collections.abc import Callable, Sequence
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,102 +44,253 @@ from .utils.device import resolve_device
 from .utils.images import ImageSpec, load_image, target_size
 from .utils.io import atomic_save_npy, atomic_write_text
 
-__all__ = ["ImageSpec", "target_size", "load_image", "extract", "FeatureCache", "resolve_device"]
+__all__ = ["CACHE_FORMAT", "ImageSpec", "target_size", "load_image", "extract", "FeatureCache", "resolve_device", "plan_batches"]
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when extraction semantics change, so old caches are not reused
+CACHE_FORMAT = 2  # bump when extraction semantics change, so old caches are not reused
+FLUSH_SECONDS = 5.0  # default: work a killed extraction can lose
+
+
+class CacheWarning(UserWarning):
+    """The feature cache could not be used (read-only, damaged); the run continued without it."""
+
+
+# ----------------------------------------------------------------------------------- batches
+
+
+def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of equal input size, in first-seen order of the sizes,
+    ``batch_size`` at a time: ``[[0, 3, 4], [1], [2, 5], ...]``."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(sizes):
+        groups.setdefault((int(s[0]), int(s[1])), []).append(i)
+    return [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
 
 
 class _Images(torch.utils.data.Dataset):
+    """Decoded images; a decoding error is returned (not raised) so that the main process can
+    raise it as it is, without the DataLoader worker's traceback wrapped into the message."""
+
     def __init__(self, specs: Sequence[ImageSpec]) -> None:
         self.specs = specs
 
     def __len__(self) -> int:
         return len(self.specs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.specs[i]), i
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, BaseException | None]:
+        try:
+            return load_image(self.specs[i]), i, None
+        except Exception as e:  # noqa: BLE001  (re-raised in the main process)
+            return None, i, e
 
 
-def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, list[int]]:
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch]
+def _collate(batch: list[tuple[Any, int, BaseException | None]]) -> tuple[torch.Tensor | None, list[int], BaseException | None]:
+    idx = [b[1] for b in batch]
+    err = next((b[2] for b in batch if b[2] is not None), None)
+    if err is not None:
+        return None, idx, err
+    return torch.stack([b[0] for b in batch]), idx, None
 
 
-def _size_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
-    """Group indices into batches of equal input size, keeping first-seen order of sizes."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, s in enumerate(sizes):
-        groups.setdefault(s, []).append(i)
-    return [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+def _file_stats(specs: Sequence[ImageSpec]) -> np.ndarray:
+    """``(N, 2)`` int64: size in bytes and modification time (ns) of each image file."""
+    out = np.empty((len(specs), 2), dtype=np.int64)
+    for i, s in enumerate(specs):
+        try:
+            st = os.stat(s.path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{s.path}: image not found") from None
+        out[i] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+# ------------------------------------------------------------------------------------- store
+
+
+class FeatureCache:
+    """The on-disk store of one descriptor set, ``<directory>/<key>/`` (see the module docstring).
+
+    Args:
+        directory: folder holding the sets of one model and dataset.
+        key: the set's name; it must change whenever anything that determines the descriptors
+            does (the pipeline hashes ``meta``).
+        meta: JSON-able description written to ``meta.json`` when the set is complete.
+    """
+
+    def __init__(self, directory: str | Path, key: str, meta: dict[str, Any]) -> None:
+        self.dir = Path(directory) / key
+        self.key = key
+        self.meta = meta
+        self.path = self.dir / "features.npy"
+
+    # --- files
+    @property
+    def _meta_file(self) -> Path:
+        return self.dir / "meta.json"
+
+    @property
+    def complete(self) -> bool:
+        """Whether a finished set is stored (its descriptors may still be stale for changed files)."""
+        return self._meta_file.is_file() and self.path.is_file()
+
+    def load(self) -> np.ndarray | None:
+        """The stored ``(N, C)`` descriptors, memory-mapped read-only, or None when not complete."""
+        if not self.complete:
+            return None
+        try:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:  # a damaged file is recomputed, never used
+            log.warning("ignoring unreadable feature cache %s (%s)", self.path, e)
+            return None
+
+    def stale_rows(self, stats: np.ndarray) -> np.ndarray | None:
+        """Rows whose image changed (size or mtime) since they were extracted; None if unknown."""
+        try:
+            old = np.load(self.dir / "files.npy", allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if old.shape != stats.shape:
+            return None
+        return np.flatnonzero((old != stats).any(axis=1))
+
+    def read_plan(self, n: int) -> tuple[np.ndarray, int] | None:
+        try:
+            sizes = np.load(self.dir / "sizes.npy", allow_pickle=False)
+            batch_size = int(json.loads((self.dir / "plan.json").read_text())["batch_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return (sizes, batch_size) if sizes.shape == (n, 2) else None
+
+    def done_batches(self) -> set[int]:
+        """Batch numbers recorded as finished (a torn last line is ignored)."""
+        try:
+            text = (self.dir / "progress.log").read_text()
+        except OSError:
+            return set()
+        lines = text.split("\n")[:-1]  # the part after the last newline may be torn
+        done: set[int] = set()
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                done.update(int(t) for t in line.split())
+        return done
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Exclusive access for extraction (blocks while another process extracts this set)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a+") as f:
+            try:
+                import fcntl
+            except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+                yield
+                return
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("%s is being extracted by another process; waiting for it", self.dir)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def start(self, sizes: np.ndarray, batch_size: int) -> None:
+        """Begin a new set (or restart one whose plan is lost): plan files written, progress reset."""
+        self._meta_file.unlink(missing_ok=True)
+        (self.dir / "progress.log").unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+        atomic_save_npy(self.dir / "sizes.npy", np.asarray(sizes, dtype=np.int32))
+        atomic_write_text(self.dir / "plan.json", json.dumps({"batch_size": int(batch_size), "format": CACHE_FORMAT}))
+
+    def rows(self, n: int, dim: int) -> np.ndarray:
+        """The writable ``(n, dim)`` memory map of ``features.npy`` (created when absent)."""
+        if self.path.is_file():
+            with contextlib.suppress(OSError, ValueError):  # damaged: recreated below
+                arr = np.load(self.path, mmap_mode="r+", allow_pickle=False)
+                if arr.shape == (n, dim) and arr.dtype == np.float32:
+                    return arr
+                del arr
+        return np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n, dim))
+
+    def record(self, arr: np.ndarray, batches: Sequence[int]) -> None:
+        """Flush the rows of ``batches`` to disk, then log them as finished."""
+        if not batches:
+            return
+        if isinstance(arr, np.memmap):
+            arr.flush()
+        with open(self.dir / "progress.log", "a", encoding="ascii") as f:
+            f.write(" ".join(map(str, batches)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, arr: np.ndarray, stats: np.ndarray) -> None:
+        """Commit: file stats, then ``meta.json`` (the mark of a complete set)."""
+        if isinstance(arr, np.memmap):
+            arr.flush()
+        atomic_save_npy(self.dir / "files.npy", stats)
+        atomic_write_text(self._meta_file, json.dumps({**self.meta, "format": CACHE_FORMAT, "shape": list(arr.shape)}, indent=1, sort_keys=True, default=str))
+        (self.dir / "progress.log").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------- extract
+
+
+def _warn_no_cache(cache: FeatureCache, e: BaseException) -> None:
+    msg = f"cannot write the feature cache {cache.dir} ({e}); extracting without caching"
+    log.warning("%s", msg)
+    warnings.warn(msg, CacheWarning, stacklevel=3)
 
 
 @torch.inference_mode()
-def _extract_chunk(
+def _run_batches(
     net: torch.nn.Module,
     pool: Callable[[torch.Tensor], torch.Tensor],
     specs: Sequence[ImageSpec],
+    batches: list[tuple[int, list[int]]],
+    *,
     mean: torch.Tensor,
     std: torch.Tensor,
     device: torch.device,
-    batch_size: int,
     workers: int,
-    on_batch: Callable[[int], None],
-) -> np.ndarray:
-    sizes = [target_size(s) for s in specs]
+    out: Callable[[int], np.ndarray],
+    on_flush: Callable[[list[int]], None],
+    flush_seconds: float,
+    desc: str,
+    bar: Any,
+) -> None:
+    """Run ``batches`` (``(number, indices)``) and write each row of ``out(dim)``."""
     loader = torch.utils.data.DataLoader(
         _Images(specs),
-        batch_sampler=_size_batches(sizes, batch_size),
+        batch_sampler=[idx for _, idx in batches],
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    out: np.ndarray | None = None
-    for x, idx in loader:
+    pending: list[int] = []
+    last = time.monotonic()
+    for (number, _), (x, idx, err) in zip(batches, loader, strict=True):
+        if err is not None:
+            raise err
         x = x.to(device, non_blocking=True).float().div_(255.0)
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
-        v = pool(net(x))  # (B, C)
-        v = v.float().cpu().numpy()
-        if out is None:
-            out = np.empty((len(specs), v.shape[1]), dtype=np.float32)
-        out[idx] = v
-        on_batch(len(idx))
-    assert out is not None
-    return out
-
-
-class FeatureCache:
-    """Descriptors stored as ``<dir>/<key>.npy`` with a JSON sidecar, written atomically.
-
-    During extraction, finished chunks live in ``<dir>/<key>.partial/`` so a killed run resumes.
-    """
-
-    def __init__(self, directory: Path, key: str, meta: dict) -> None:
-        self.dir = Path(directory)
-        self.key = key
-        self.meta = meta
-        self.path = self.dir / f"{key}.npy"
-        self.partial = self.dir / f"{key}.partial"
-
-    def load(self) -> np.ndarray | None:
-        if not self.path.exists():
-            return None
-        try:
-            arr = np.load(self.path, allow_pickle=False)
-        except (OSError, ValueError) as e:  # a damaged file is recomputed, never used
-            log.warning("ignoring unreadable feature cache %s (%s)", self.path, e)
-            return None
-        return arr
-
-    def save(self, arr: np.ndarray) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_save_npy(self.path, arr)
-        atomic_write_text(self.dir / f"{self.key}.json", json.dumps(self.meta, indent=1, sort_keys=True))
-        shutil.rmtree(self.partial, ignore_errors=True)
-
-    def chunk_path(self, i: int) -> Path:
-        return self.partial / f"chunk{i:06d}.npy"
+        v = pool(net(x)).float().cpu().numpy()  # (B, C)
+        bad = ~np.isfinite(v).all(axis=1)
+        if bad.any():
+            names = [str(specs[i].path) for i in np.asarray(idx)[bad][:3]]
+            raise ValueError(
+                f"{desc}: the network gave non-finite descriptors (NaN or inf) for {int(bad.sum())} of {len(idx)} "
+                f"images of a batch, first: {', '.join(names)}; check the weights (nothing was cached)"
+            )
+        out(v.shape[1])[idx] = v
+        pending.append(number)
+        bar.update(len(idx))
+        if time.monotonic() - last >= flush_seconds:
+            on_flush(pending)
+            pending = []
+            last = time.monotonic()
+    on_flush(pending)
 
 
 def extract(
@@ -134,55 +304,139 @@ def extract(
     batch_size: int = 8,
     workers: int = 2,
     cache: FeatureCache | None = None,
-    chunk_size: int = 512,
+    flush_seconds: float = FLUSH_SECONDS,
     progress: bool = False,
     desc: str = "extract",
 ) -> np.ndarray:
     """Pooled descriptors of ``specs``: ``(N, C)`` float32, row ``i`` for ``specs[i]``.
 
     ``backbone`` maps a normalised ``(B, 3, H, W)`` batch to ``(B, C, h, w)``; ``pool`` maps
-    that to ``(B, C)``. With a ``cache``, a finished result is returned without running the
-    network and chunks of ``chunk_size`` images are kept as they finish.
+    that to ``(B, C)``. With a ``cache``, a finished set is returned memory-mapped without
+    running the network (images changed since are extracted again), and an unfinished one
+    resumes; finished batches are flushed at least every ``flush_seconds``.
+
+    Raises:
+        ValueError: no images; non-finite descriptors (naming the images).
+        FileNotFoundError, OSError: a missing or undecodable image (naming it).
     """
-    if cache is not None:
+    n = len(specs)
+    if n == 0:
+        raise ValueError(f"{desc}: no images given")
+    stats = _file_stats(specs)
+    if cache is not None:  # fast path without the lock (a read-only cache is fine here)
         hit = cache.load()
-        if hit is not None and hit.shape[0] == len(specs):
+        if hit is not None and hit.shape[0] == n and (rows := cache.stale_rows(stats)) is not None and rows.size == 0:
             return hit
-    dev = resolve_device(device) if isinstance(device, str) else device
-    # channels-last is the faster layout for convolutions on CPU (oneDNN) and GPU alike
-    backbone = backbone.to(dev, memory_format=torch.channels_last).eval()
-    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std_t = torch.tensor(list(std), dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    workers = min(workers, os.cpu_count() or 1)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(specs), desc=desc, unit="img", disable=not progress, leave=False)
-    parts: list[np.ndarray] = []
+        del hit
     try:
-        for c, start in enumerate(range(0, len(specs), chunk_size)):
-            chunk = specs[start : start + chunk_size]
-            done = None
-            if cache is not None and cache.chunk_path(c).exists():
-                try:
-                    done = np.load(cache.chunk_path(c), allow_pickle=False)
-                except (OSError, ValueError):
-                    done = None
-                if done is not None and done.shape[0] != len(chunk):
-                    done = None
-            if done is None:
-                done = _extract_chunk(backbone, pool, chunk, mean_t, std_t, dev, batch_size, workers, bar.update)
-                if cache is not None:
-                    cache.partial.mkdir(parents=True, exist_ok=True)
-                    atomic_save_npy(cache.chunk_path(c), done)
-            else:
-                bar.update(len(chunk))
-            parts.append(done)
+        ctx = cache.writing() if cache is not None else contextlib.nullcontext()
+        ctx.__enter__()
+    except OSError as e:
+        _warn_no_cache(cache, e)  # type: ignore[arg-type]
+        cache, ctx = None, contextlib.nullcontext()
+    try:
+        return _extract_locked(backbone, pool, specs, stats, mean, std, device, batch_size, workers, cache, flush_seconds, progress, desc)
     finally:
-        bar.close()
-    if not parts:
-        raise ValueError("extract: no images given")
-    feats = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+        ctx.__exit__(None, None, None)
+
+
+def _extract_locked(
+    backbone: torch.nn.Module,
+    pool: Callable[[torch.Tensor], torch.Tensor],
+    specs: Sequence[ImageSpec],
+    stats: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: str | torch.device,
+    batch_size: int,
+    workers: int,
+    cache: FeatureCache | None,
+    flush_seconds: float,
+    progress: bool,
+    desc: str,
+) -> np.ndarray:
+    n = len(specs)
+    stale: np.ndarray | None = None
+    if cache is not None and cache.complete:  # (again: another process may have finished it meanwhile)
+        hit = cache.load()
+        if hit is not None and hit.shape[0] == n:
+            stale = cache.stale_rows(stats)
+            if stale is not None and stale.size == 0:
+                return hit
+            stale = np.arange(n) if stale is None else stale  # stats unknown: trust nothing
+            log.info("%s: %d images changed since they were extracted; extracting them again", desc, stale.size)
+        del hit
+    plan = cache.read_plan(n) if cache is not None else None
+    done: set[int] = set()
+    if plan is not None:
+        sizes, batch_size = plan
+        done = set(range(len(plan_batches(sizes, batch_size)))) if cache.complete else cache.done_batches()  # type: ignore[union-attr]
+    else:
+        sizes = np.array([target_size(s) for s in specs], dtype=np.int32).reshape(n, 2)
+        if cache is not None:
+            try:
+                cache.start(sizes, batch_size)
+            except OSError as e:
+                _warn_no_cache(cache, e)
+                cache = None
+    batches = plan_batches(sizes, batch_size)
+    if stale is not None and stale.size:
+        changed = set(stale.tolist())
+        done -= {b for b, idx in enumerate(batches) if changed.intersection(idx)}
+    todo = [(b, idx) for b, idx in enumerate(batches) if b not in done]
+
+    arr: np.ndarray | None = None
+    if cache is not None and cache.path.is_file() and done:
+        with contextlib.suppress(OSError, ValueError):
+            existing = np.load(cache.path, mmap_mode="r+", allow_pickle=False)
+            if existing.shape[0] == n:
+                arr = existing
+    if arr is None and done:  # rows of finished batches are unreadable: start over
+        todo = list(enumerate(batches))
+
+    def out(dim: int) -> np.ndarray:
+        nonlocal arr, cache
+        if arr is None:
+            if cache is not None:
+                try:
+                    arr = cache.rows(n, dim)
+                except OSError as e:
+                    _warn_no_cache(cache, e)
+                    cache = None
+            if arr is None:
+                arr = np.empty((n, dim), dtype=np.float32)
+        return arr
+
+    def flush(numbers: list[int]) -> None:
+        nonlocal cache
+        if cache is not None and arr is not None:
+            try:
+                cache.record(arr, numbers)
+            except OSError as e:
+                _warn_no_cache(cache, e)
+                cache = None
+
+    if todo:
+        dev = resolve_device(device) if isinstance(device, str) else device
+        # channels-last is the faster layout for convolutions on CPU (oneDNN) and GPU alike
+        net = backbone.to(dev, memory_format=torch.channels_last).eval()
+        mean_t = torch.tensor(list(mean), dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+        std_t = torch.tensor(list(std), dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=n, initial=n - sum(len(i) for _, i in todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+            _run_batches(
+                net, pool, specs, todo, mean=mean_t, std=std_t, device=dev, workers=min(workers, os.cpu_count() or 1),
+                out=out, on_flush=flush, flush_seconds=flush_seconds, desc=desc, bar=bar,
+            )  # fmt: skip
+    assert arr is not None
     if cache is not None:
-        cache.save(feats)
-    return feats
+        try:
+            cache.finish(arr, stats)
+            del arr
+            hit = cache.load()
+            if hit is not None:
+                return hit
+        except OSError as e:
+            _warn_no_cache(cache, e)
+    return np.asarray(arr)

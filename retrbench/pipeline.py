@@ -21,12 +21,12 @@ import torch
 
 from ._version import __version__
 from .backbones import BACKBONES, Backbone
-from .config import RunConfig, config_id
+from .config import DEFAULT_MAX_PIXELS, RunConfig, config_id
 from .datasets import DATASETS, dataset_label, default_image_size, load_dataset
 from .evaluation import PROTOCOLS, evaluate, per_query_ap
 from .extraction import CACHE_FORMAT, FeatureCache, ImageSpec, extract
 from .pooling import POOLINGS, Pooling, parse_pooling, pooling_label
-from .rerank import RankState, build_reranker, pipeline_label
+from .rerank import RankState, build_reranker, clamp_notes, pipeline_label
 from .results import RunResult, append_results, check_results_dir, tidy_rows
 from .search import search
 from .specs import ModelRef, Step
@@ -116,6 +116,8 @@ def dataset_features(
     device: str = "auto",
     workers: int = 2,
     bn_recalibrate: int = 0,
+    exif: bool | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cache_dir: Path | None = None,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -125,8 +127,9 @@ def dataset_features(
     model, weights checksum, image size, pooling, BatchNorm re-calibration, dataset and the
     exact image / box lists. With ``bn_recalibrate=N`` a copy of the backbone re-estimates
     its BatchNorm statistics on N database images first (seeded sample; only when something
-    has to be extracted).
+    has to be extracted). ``exif`` None follows the dataset's ``exif_orientation``.
     """
+    exif = ds.exif_orientation if exif is None else bool(exif)
     pool = pooling if isinstance(pooling, Pooling) else parse_pooling(pooling)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
     common: dict[str, Any] = {
@@ -136,17 +139,24 @@ def dataset_features(
         "image_size": image_size,
         "pooling": pool.spec,
         "dataset": ds.name,
+        # the images' folder itself, so that another folder with the same file names never
+        # shares descriptors (file contents are checked per image, by size and mtime)
+        "root": str(Path(ds.root).resolve()),
+        "exif": exif,
     }
     if bn_recalibrate:
         common["bn_recalibrate"] = {"n": int(bn_recalibrate), "seed": BN_SEED}
     root = Path(ds.root)
-    db_specs = [ImageSpec(root / p, None, image_size) for p in ds.images]
+    db_specs = [ImageSpec(root / p, None, image_size, exif=exif, max_pixels=max_pixels) for p in ds.images]
     # A whole-image query that is also a database image (UKBench, COIL-20, folder datasets)
     # has exactly the database descriptor: reuse that row instead of extracting it again.
     db_row = {p: i for i, p in enumerate(ds.images)}
     reuse = {j: db_row[q.image] for j, q in enumerate(ds.queries) if q.bbox is None and q.image in db_row}
     todo = [j for j in range(len(ds.queries)) if j not in reuse]
-    q_specs = [ImageSpec(root / ds.queries[j].image, ds.queries[j].bbox, image_size, query_resize) for j in todo]
+    q_specs = [
+        ImageSpec(root / ds.queries[j].image, ds.queries[j].bbox, image_size, query_resize, exif=exif, max_pixels=max_pixels)
+        for j in todo
+    ]
     folder = cache_dir / safe_name(ds.name) / safe_name(backbone.name)
     jobs = []
     for role, specs, items in (
@@ -159,12 +169,12 @@ def dataset_features(
         jobs.append((role, specs, FeatureCache(folder, f"{role}-{stable_hash(meta, 24)}", meta)))
 
     info: dict[str, Any] = {"extract_s": 0.0, "cache_hits": 0, "bn_recalibrate_s": 0.0}
-    if bn_recalibrate and any(specs and not cache.path.exists() for _, specs, cache in jobs):
+    if bn_recalibrate and any(specs and not cache.complete for _, specs, cache in jobs):
         from .backbones.bn import recalibrate_on_images, recalibration_specs
 
         t0 = time.perf_counter()
         backbone = copy.deepcopy(backbone)
-        recal = recalibration_specs(ds.images, bn_recalibrate, BN_SEED, size=image_size, root=root)
+        recal = recalibration_specs(ds.images, bn_recalibrate, BN_SEED, size=image_size, root=root, exif=exif, max_pixels=max_pixels)
         recalibrate_on_images(backbone, recal, backbone.info.mean, backbone.info.std, batch_size, device, workers=workers)
         info["bn_recalibrate_s"] = time.perf_counter() - t0
     net = _feature_stage(backbone, pool)
@@ -175,7 +185,7 @@ def dataset_features(
             out.append(np.empty((0, 0), dtype=np.float32))
             info["cache_hits"] += 1
             continue
-        hit = cache.path.exists()
+        hit = cache.complete
         t0 = time.perf_counter()
         feats = extract(
             net,
@@ -188,7 +198,7 @@ def dataset_features(
             workers=workers,
             cache=cache,
             progress=progress,
-            desc=f"{ds.name} {role}",
+            desc=f"{backbone.name} on {ds.name} {role}",
         )
         info["extract_s"] += time.perf_counter() - t0
         info["cache_hits"] += int(hit)
@@ -269,6 +279,8 @@ def run(
             device=cfg.device,
             workers=cfg.workers,
             bn_recalibrate=cfg.bn_recalibrate,
+            exif=cfg.exif,
+            max_pixels=cfg.max_pixels,
             progress=progress,
         )
         db, q, finfo = dataset_features(ds, backbone, **feat_kw)
@@ -299,22 +311,27 @@ def run(
     t0 = time.perf_counter()
     result = search(qw, dbw, k=_ranking_length(dbw.shape[0], ds.protocol, cfg.topk))
     t_search = time.perf_counter() - t0
+    rerank_notes = clamp_notes(cfg.rerank, dbw.shape[0])
+    for note in rerank_notes:
+        log.warning("%s on %s: %s", cfg.model, cfg.dataset, note)
     t0 = time.perf_counter()
     result = plan.reranker(RankState(qw, dbw, result)).result
     t_rerank = time.perf_counter() - t0
 
-    metrics = evaluate(result.indices, ds.gnd, ds.protocol)
+    metrics = evaluate(result.indices, ds.gnd, ds.protocol, n_database=len(ds.images))
     database_ids, query_ids = _image_ids(ds)
     provenance = {
         "config_id": config_id(cfg),
         **_labels(cfg, built, ds),
         "weights_sha256": "+".join(b.weights_id for b in built),
         "image_size_used": sizes[0] if len(set(sizes)) == 1 else "+".join(map(str, sizes)),
+        "exif_orientation": ds.exif_orientation if cfg.exif is None else cfg.exif,
         "dim": int(dbw.shape[1]),
         "n_database": len(ds.images),
         "n_queries": len(ds.queries),
         "ranking_length": int(result.k),
         "whitening": winfo,
+        "rerank_notes": rerank_notes,
         "dataset_notes": dict(ds.notes),
         "retrbench_version": __version__,
     }
@@ -336,6 +353,6 @@ def run(
         result,
         query_ids=tuple(query_ids),
         database_ids=tuple(database_ids),
-        query_ap=per_query_ap(result.indices, ds.gnd, ds.protocol),
+        query_ap=per_query_ap(result.indices, ds.gnd, ds.protocol, n_database=len(ds.images)),
     )
 

@@ -1,7 +1,10 @@
 """Tidy results: one row per (dataset, split, metric) with the full configuration.
 
 Rows are appended to ``<results_dir>/results.jsonl`` (JSON lines: robust to new config
-fields, read back with :func:`load_results` as a pandas DataFrame).
+fields, read back with :func:`load_results` as a pandas DataFrame). The file is strict JSON:
+a value that is not a finite number (the mAP of a split where no query has a positive is
+NaN) is written as ``null``, with an :class:`EmptyMetricWarning` when the rows are made, and
+:func:`load_results` reads a ``null`` value back as NaN.
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +27,62 @@ from .config import RunConfig
 from .types import Metric
 from .utils.render import render as render_frame
 
-__all__ = ["RunResult", "tidy_rows", "append_results", "load_results", "wide_table", "render"]
+__all__ = [
+    "EmptyMetricWarning",
+    "RunResult",
+    "append_results",
+    "json_safe",
+    "load_results",
+    "render",
+    "tidy_rows",
+    "warn_undefined_metrics",
+    "wide_table",
+]
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 TABLE_INDEX = ("model", "pooling", "whiten", "rerank")
 _SPLIT_ORDER = {"easy": 0, "medium": 1, "hard": 2, "all": 3}
+
+
+class EmptyMetricWarning(UserWarning):
+    """A metric has no value (NaN): no query of its split has a positive, or there is no query."""
+
+
+def warn_undefined_metrics(metrics: Sequence[Metric], dataset: str = "") -> list[Metric]:
+    """Warn (:class:`EmptyMetricWarning`) for each metric whose value is not a finite number.
+
+    Returns those metrics. Their value is NaN when no query of the split has a positive (or
+    the dataset has no query), and is written as ``null`` to JSON.
+    """
+    bad = [m for m in metrics if not math.isfinite(float(m.value))]
+    where = f"{dataset}: " if dataset else ""
+    for m in bad:
+        why = "no query of this split has a positive image" if math.isnan(float(m.value)) else f"the value is {m.value}"
+        warnings.warn(
+            f"{where}split {m.split!r} metric {m.name!r} has no value ({why}); it is written as null",
+            EmptyMetricWarning,
+            stacklevel=2,
+        )
+    return bad
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every float that is not finite (NaN, +-inf) replaced by None, recursively.
+
+    Dicts, lists and tuples are rebuilt; numpy scalars and arrays become Python values, so
+    ``json.dumps(json_safe(obj), allow_nan=False)`` always succeeds for plain data.
+    """
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and callable(obj.tolist) and type(obj).__module__ == "numpy":
+        return json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def tidy_rows(
@@ -38,7 +92,12 @@ def tidy_rows(
     protocol: str,
     provenance: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """One dict per metric: config fields, ``split``, ``metric``, ``value`` and provenance."""
+    """One dict per metric: config fields, ``split``, ``metric``, ``value`` and provenance.
+
+    A value that is NaN (no query of its split has a positive) stays NaN in the rows and is
+    announced with an :class:`EmptyMetricWarning`; :func:`append_results` writes it as null.
+    """
+    warn_undefined_metrics(metrics, config.dataset)
     base = {**config.to_dict(), "protocol": protocol}
     base.setdefault("retrbench_version", __version__)
     base["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -62,11 +121,20 @@ def check_results_dir(results_dir: str | Path) -> Path:
     return d
 
 
+def _json_line(row: dict[str, Any]) -> str:
+    """One strict-JSON line: non-finite numbers as null, other non-JSON values as ``str``."""
+    return json.dumps(json_safe(row), sort_keys=True, default=str, allow_nan=False) + "\n"
+
+
 def append_results(rows: Iterable[dict[str, Any]], results_dir: str | Path) -> Path:
-    """Append ``rows`` to ``<results_dir>/results.jsonl`` (one write, flushed and fsynced)."""
+    """Append ``rows`` to ``<results_dir>/results.jsonl`` (one write, flushed and fsynced).
+
+    Values that are not finite numbers (NaN, +-inf) are written as ``null``: the file is
+    strict JSON, which Python's ``json`` would not guarantee (it writes bare ``NaN``).
+    """
     path = Path(results_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+    blob = "".join(_json_line(r) for r in rows)
     # A write cut short (process killed) leaves a line without its newline: start a new line
     # so that the rows appended now stay readable.
     if path.exists() and path.stat().st_size:
@@ -86,6 +154,7 @@ def load_results(path: str | Path, *, skip_invalid: bool = False) -> pd.DataFram
 
     A line that is not a JSON object raises ``ValueError`` naming the file and line, unless
     ``skip_invalid`` (then it is skipped with a warning: e.g. a row cut short by a kill).
+    A ``null`` value (a metric without a value) is NaN in the ``value`` column.
     """
     path = Path(path)
     if path.is_dir():
@@ -108,7 +177,13 @@ def load_results(path: str | Path, *, skip_invalid: bool = False) -> pd.DataFram
                 log.warning("%s:%d: skipped, not a JSON results row (%s)", path, n, e)
                 continue
             rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if "value" in df.columns:
+        try:
+            df["value"] = pd.to_numeric(df["value"])  # null -> NaN
+        except (TypeError, ValueError):
+            log.warning("%s: the value column holds non-numbers; left as read", path)
+    return df
 
 
 def _label(value: Any) -> str:

@@ -124,6 +124,9 @@ class RetrievalDataset:
         protocol: evaluation protocol name (see ``retrbench.evaluation.PROTOCOLS``).
         notes: every choice that affects the numbers (query cropping, resizing, ...), stored
             with each result row.
+        exif_orientation: whether the images' EXIF orientation is applied unless the run says
+            otherwise: True for users' photos (``folder:``), False for the benchmarks, which the
+            reference code reads as stored.
     """
 
     name: str
@@ -133,6 +136,7 @@ class RetrievalDataset:
     gnd: tuple[Mapping[str, np.ndarray], ...]
     protocol: str
     notes: Mapping[str, str] = field(default_factory=dict)
+    exif_orientation: bool = False
 
     def __post_init__(self) -> None:
         if len(self.gnd) != len(self.queries):

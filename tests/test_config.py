@@ -47,3 +47,13 @@ def test_bad_specs_fail_at_construction():
         RunConfig(rerank="dba++aqe")
     with pytest.raises(ValueError, match="has 2 models but weights"):
         RunConfig(model="a+b", weights="one.pth")
+
+
+def test_pixel_limit_default_is_the_image_decoders():
+    from retrbench.config import DEFAULT_MAX_PIXELS
+    from retrbench.utils import images
+
+    assert RunConfig().max_pixels == DEFAULT_MAX_PIXELS == images.DEFAULT_MAX_PIXELS
+    assert RunConfig(max_pixels=0).max_pixels == 0
+    with pytest.raises(ValueError, match="max_pixels must be a number of pixels >= 0"):
+        RunConfig(max_pixels=-1)

@@ -81,36 +81,105 @@ def test_batching_does_not_change_descriptors(images):
         np.testing.assert_allclose(many[i], ((x - 0.5) / 0.25).mean(dim=(1, 2)).numpy(), atol=1e-5)
 
 
-def test_cache_hit_skips_network(images, tmp_path):
+KW = dict(mean=(0, 0, 0), std=(1, 1, 1), device="cpu", workers=0)
+
+
+def test_cache_hit_skips_network_and_is_memory_mapped(images, tmp_path):
     specs = [ImageSpec(p, None, 24) for p in images]
-    kw = dict(mean=(0, 0, 0), std=(1, 1, 1), device="cpu", workers=0, chunk_size=3)
     cache = FeatureCache(tmp_path / "cache", "k", {"what": "test"})
-    first = extract(Counting(), spoc, specs, cache=cache, **kw)
-    assert cache.path.exists() and not cache.partial.exists()
+    first = extract(Counting(), spoc, specs, cache=cache, **KW)
+    assert cache.complete and not (cache.dir / "progress.log").exists()
     net = Counting()
-    again = extract(net, spoc, specs, cache=FeatureCache(tmp_path / "cache", "k", {}), **kw)
-    assert net.images == 0
+    again = extract(net, spoc, specs, cache=FeatureCache(tmp_path / "cache", "k", {}), **KW)
+    assert net.images == 0 and isinstance(again, np.memmap) and not again.flags.writeable
     np.testing.assert_array_equal(first, again)
 
 
-def test_interrupted_extraction_resumes(images, tmp_path):
+def test_interrupted_extraction_resumes_bitwise(images, tmp_path):
     specs = [ImageSpec(p, None, 24) for p in images]
-    kw = dict(mean=(0, 0, 0), std=(1, 1, 1), device="cpu", workers=0, chunk_size=3, batch_size=1)
+    kw = dict(KW, batch_size=1, flush_seconds=0.0)  # flush after every batch
     cache = FeatureCache(tmp_path / "cache", "k", {})
     with pytest.raises(KeyboardInterrupt):
-        extract(Counting(fail_after=4), spoc, specs, cache=cache, **kw)  # chunk 0 (3 images) finished
-    assert cache.chunk_path(0).exists() and not cache.path.exists()
+        extract(Counting(fail_after=4), spoc, specs, cache=cache, **kw)  # 4 batches finished
+    assert cache.done_batches() == {0, 1, 2, 3} and not cache.complete
     net = Counting()
     resumed = extract(net, spoc, specs, cache=cache, **kw)
-    assert net.images == len(specs) - 3
-    np.testing.assert_allclose(resumed, extract(Counting(), spoc, specs, **kw), atol=1e-6)
+    assert net.images == len(specs) - 4
+    np.testing.assert_array_equal(resumed, extract(Counting(), spoc, specs, **kw))
+
+
+def test_resume_keeps_the_first_runs_batch_plan(images, tmp_path):
+    specs = [ImageSpec(p, None, 24) for p in images]
+    cache = FeatureCache(tmp_path / "cache", "k", {})
+    with pytest.raises(KeyboardInterrupt):
+        extract(Counting(fail_after=1), spoc, specs, cache=cache, **dict(KW, batch_size=4, flush_seconds=0.0))
+    net = Counting()
+    extract(net, spoc, specs, cache=cache, **dict(KW, batch_size=1))  # another batch size asked
+    assert net.batches == 3  # the remaining batches of the batch-4 plan: sizes (30,40), (64,16), (50,50)
+
+
+def test_changed_image_is_extracted_again(images, tmp_path):
+    import os
+
+    specs = [ImageSpec(p, None, 24) for p in images]
+    cache = FeatureCache(tmp_path / "cache", "k", {})
+    first = np.array(extract(Counting(), spoc, specs, cache=cache, **dict(KW, batch_size=1)))
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(images[2])  # edited in place, same name and size
+    st = os.stat(images[2])
+    os.utime(images[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    net = Counting()
+    again = extract(net, spoc, specs, cache=cache, **dict(KW, batch_size=1))
+    assert net.images == 1
+    assert np.allclose(again[2], [1.0, 0.0, 0.0]) and not np.allclose(first[2], again[2])
+    np.testing.assert_array_equal(np.delete(first, 2, axis=0), np.delete(np.asarray(again), 2, axis=0))
 
 
 def test_corrupt_cache_is_recomputed(images, tmp_path):
     specs = [ImageSpec(p, None, 24) for p in images]
     cache = FeatureCache(tmp_path / "c", "k", {})
-    cache.dir.mkdir()
+    extract(Counting(), spoc, specs, cache=cache, **KW)
     cache.path.write_bytes(b"not a numpy file")
     net = Counting()
-    out = extract(net, spoc, specs, cache=cache, mean=(0, 0, 0), std=(1, 1, 1), device="cpu", workers=0)
+    out = extract(net, spoc, specs, cache=cache, **KW)
     assert net.images == len(specs) and out.shape == (len(specs), 3)
+
+
+class NaNAfter(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        if x.shape[-1] == 24 and x.shape[-2] == 18:  # the 40 x 30 images
+            y[:, 0] = float("nan")
+        return y
+
+
+def test_non_finite_descriptors_are_an_error_and_never_cached(images, tmp_path):
+    specs = [ImageSpec(p, None, 24) for p in images]
+    cache = FeatureCache(tmp_path / "c", "k", {})
+    with pytest.raises(ValueError, match=r"non-finite descriptors \(NaN or inf\) for 4 of 4 images.*im0.png"):
+        extract(NaNAfter(), spoc, specs, cache=cache, desc="nan_model on demo database", **KW)
+    assert not cache.complete and cache.load() is None
+
+
+def test_decoding_errors_in_workers_are_raised_as_one_clean_error(images):
+    images[3].write_bytes(b"not an image")
+    specs = [ImageSpec(p, None, 24) for p in images]
+    with pytest.raises(OSError) as e:
+        extract(Counting(), spoc, [specs[0], specs[3]], **dict(KW, workers=1))
+    assert "im3.png" in str(e.value) and "Traceback" not in str(e.value) and "DataLoader worker" not in str(e.value)
+
+
+def test_read_only_cache_continues_without_caching(images, tmp_path):
+    import os
+
+    from retrbench.extraction import CacheWarning
+
+    if os.geteuid() == 0:
+        ro = tmp_path / "file-not-folder"
+        ro.write_text("x")  # root ignores permissions: a file where the folder should be
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+    specs = [ImageSpec(p, None, 24) for p in images]
+    with pytest.warns(CacheWarning, match="extracting without caching"):
+        out = extract(Counting(), spoc, specs, cache=FeatureCache(ro, "k", {}), **KW)
+    np.testing.assert_array_equal(out, extract(Counting(), spoc, specs, **KW))

@@ -80,3 +80,54 @@ def test_per_query_table():
     hard = pq[pq.split == "hard"].set_index("image")["AP"]
     assert hard.to_dict() == {"q0": 100.0, "q1": 25.0}
     assert pq[(pq.split == "easy") & (pq.image == "q1")]["AP"].isna().all()
+
+
+def _strict_json(text: str) -> list[dict]:
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: bare {token}")
+
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines() if line]
+
+
+def test_undefined_metrics_are_null_in_the_file_and_nan_when_read(tmp_path):
+    import math
+
+    import numpy as np
+
+    from retrbench.evaluation import evaluate
+    from retrbench.results import EmptyMetricWarning
+
+    # no query has an easy positive: Easy mAP / mP@k are NaN (before: bare NaN tokens in results.jsonl)
+    gnd = [{"easy": [], "hard": [1], "junk": []}, {"easy": [], "hard": [0], "junk": [2]}]
+    metrics = evaluate(np.array([[1, 0, 2], [0, 1, 2]]), gnd, "revisited", kappas=(1,))
+    cfg = RunConfig(model="m1", dataset="demo")
+    with pytest.warns(EmptyMetricWarning) as rec:
+        r = tidy_rows(cfg, metrics, protocol="revisited", provenance={"n_queries": 2, "ratio": float("inf"), "arr": np.array([np.nan, 1.0])})
+    assert [str(w.message) for w in rec] == [
+        f"demo: split 'easy' metric {m!r} has no value (no query of this split has a positive image); it is written as null"
+        for m in ("mAP", "mP@1")
+    ]
+    assert math.isnan(r[0]["value"])  # the rows in memory keep NaN
+    append_results(r, tmp_path)
+    written = _strict_json((tmp_path / "results.jsonl").read_text())
+    assert [w["value"] for w in written[:2]] == [None, None] and written[2]["value"] == 100.0
+    assert written[0]["ratio"] is None and written[0]["arr"] == [None, 1.0]
+    df = load_results(tmp_path)
+    assert df["value"].dtype == float and df["value"].isna().sum() == 2 and df.loc[2, "value"] == 100.0
+    table = wide_table(df)
+    assert table[("demo", "medium", "mAP")].iloc[0] == 100.0 and np.isnan(table[("demo", "easy", "mAP")].iloc[0])
+    assert "|         -- |" in render(table, "markdown")
+
+
+def test_zero_queries_warn_and_write_null(tmp_path):
+    import numpy as np
+
+    from retrbench.evaluation import evaluate
+    from retrbench.results import EmptyMetricWarning, json_safe
+
+    metrics = evaluate(np.zeros((0, 3), dtype=np.int64), [], "map", kappas=(1,))
+    with pytest.warns(EmptyMetricWarning):
+        r = tidy_rows(RunConfig(dataset="demo"), metrics, protocol="map", provenance={})
+    append_results(r, tmp_path)
+    assert all(row["value"] is None for row in _strict_json((tmp_path / "results.jsonl").read_text()))
+    assert json_safe({"a": (float("nan"), np.float32("-inf"), np.int64(3))}) == {"a": [None, None, 3]}

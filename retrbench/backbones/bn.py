@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.device import resolve_device
-from ..utils.images import ImageSpec, load_image
+from ..utils.images import DEFAULT_MAX_PIXELS, ImageSpec, load_image
 
 __all__ = ["batchnorm_layers", "recalibrate_bn", "recalibrate_on_images", "recalibration_specs"]
 
@@ -104,15 +104,22 @@ def recalibrate_bn(backbone: nn.Module, batches: Iterable[Tensor], *, momentum: 
 
 
 def recalibration_specs(
-    image_paths: Sequence[str | Path], n: int, seed: int = 0, *, size: int, root: str | Path | None = None
+    image_paths: Sequence[str | Path],
+    n: int,
+    seed: int = 0,
+    *,
+    size: int,
+    root: str | Path | None = None,
+    exif: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[ImageSpec]:
     """Choose ``n`` whole images of the evaluated dataset for BatchNorm re-calibration.
 
     A uniform sample without replacement, drawn by ``numpy.random.default_rng(seed)`` from
     ``image_paths`` (pass the database images: queries are crops of those or extra photos of the
     same scenes), returned in the drawn (shuffled) order so that batches mix scenes; all of them
-    when ``n >= len(image_paths)``. Each becomes ``ImageSpec(root / path, None, size)``: the whole
-    image at the extraction size, no query box.
+    when ``n >= len(image_paths)``. Each becomes ``ImageSpec(root / path, None, size, exif=exif,
+    max_pixels=max_pixels)``: the whole image at the extraction size, no query box.
     """
     if n <= 0:
         raise ValueError(f"recalibration_specs: n must be positive, got {n}")
@@ -121,7 +128,8 @@ def recalibration_specs(
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(image_paths))[:n]
     base = Path(root) if root is not None else None
-    return [ImageSpec(base / image_paths[i] if base is not None else Path(image_paths[i]), None, size) for i in idx]
+    paths = [base / image_paths[i] if base is not None else Path(image_paths[i]) for i in idx]
+    return [ImageSpec(p, None, size, exif=exif, max_pixels=max_pixels) for p in paths]
 
 
 class _Specs(torch.utils.data.Dataset):

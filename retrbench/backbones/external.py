@@ -19,7 +19,8 @@
   ``~/.cache/huggingface/hub``); offline, a repository not in that cache fails with a message
   saying how to fetch it elsewhere.
 * ``hub:REPO:ENTRY`` (``hub:pytorch/vision:v0.10.0:resnet50``, ``hub:/path/to/dir:my_net``):
-  ``torch.hub.load(REPO, ENTRY)``, ``source='local'`` when REPO is a directory (its
+  ``torch.hub.load(REPO, ENTRY)`` (``weights`` as for ``timm:``, ``FILE#KEY`` included),
+  ``source='local'`` when REPO is a directory (its
   ``hubconf.py`` is executed: only name repositories you trust). The feature map is
   ``net.forward_features(x)`` if the net has it; else, for a torchvision-style ResNet
   (``conv1 bn1 relu maxpool layer1..4``), the ``layer4`` output before ``avgpool`` / ``fc``;
@@ -32,6 +33,11 @@
   pickled or TorchScript model can only be run whole (its ``forward`` gives logits, not the
   last-convolution map) and may need arbitrary unpickling. Name the architecture and pass the
   file as weights instead: ``--model timm:resnet50 --weights net.pth``.
+
+Weights nested under another top-level key are picked with ``FILE#KEY``: ``--weights
+ckpt.pth#teacher`` (``weights="ckpt.pth#teacher"`` in Python) reads the mapping under
+``teacher``, for ``timm:``, ``hf-hub:`` and ``hub:`` alike. A path that is an existing file is
+read whole, ``#`` and all. ``weights_id`` is the file's sha256, plus ``#KEY`` when one is given.
 
 Backbone names (and table labels) are ``timm:NAME``, ``hf-hub:ORG/REPO`` and
 ``hub:<repo>:ENTRY`` with ``<repo>`` the directory's base name or ``owner_repo_ref``, free of
@@ -49,8 +55,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..utils.checkpoint import NESTED_KEYS, read_state_dict
-from ..utils.io import sha256_file
+from ..utils.checkpoint import NESTED_KEYS, read_state_dict, weights_digest
 from .base import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneInfo, refuse_weights_with_random, seeded
 from .weights import strict_load
 
@@ -64,7 +69,8 @@ _FILE_SUFFIXES = (".pth", ".pt", ".tar", ".ckpt", ".bin", ".safetensors", ".pkl"
 
 
 def _read_weights(path: str | Path) -> dict[str, Tensor]:
-    """A state dict for an architecture named elsewhere: flat or under :data:`NESTED_KEYS`, ``module.`` stripped."""
+    """A state dict for an architecture named elsewhere: flat, under :data:`NESTED_KEYS` or the ``KEY``
+    of a ``FILE#KEY`` path, ``module.`` stripped."""
     return read_state_dict(path, nested=NESTED_KEYS, strip="module.")
 
 
@@ -148,9 +154,8 @@ def _timm_backbone(model_id: str, name: str, weights: str | Path | None, pretrai
                 raise
             raise _hf_hub_failure(hf_repo, "the model's config.json", e) from e
         if weights is not None:
-            path = Path(weights).expanduser()
-            strict_load(model, _read_weights(path), ignore=_timm_classifier_patterns(model))
-            weights_id = sha256_file(path)
+            strict_load(model, _read_weights(weights), ignore=_timm_classifier_patterns(model))
+            weights_id = weights_digest(weights)
         else:
             weights_id = "random-init"
     else:
@@ -162,7 +167,8 @@ def _timm_backbone(model_id: str, name: str, weights: str | Path | None, pretrai
             raise RuntimeError(
                 f"timm could not fetch the pretrained weights of {model_id!r} ({type(e).__name__}: {e}). "
                 f"Without network access, download them on another machine and pass the file with "
-                f"--weights PATH (weights=PATH in Python; a timm state dict as .pth or .safetensors), "
+                f"--weights PATH (weights=PATH in Python; a timm state dict as .pth or .safetensors, "
+                f"PATH#KEY when it is nested under KEY), "
                 f"or use pretrained=False for a random network."
             ) from e
         cfg = model.pretrained_cfg or {}
@@ -197,8 +203,9 @@ def build_timm(name: str, weights: str | Path | None = None, pretrained: bool = 
 
     Args:
         name: a timm model name, optionally with a pretrained tag (``resnet50.a1_in1k``).
-        weights: a state-dict file for that architecture (classifier keys optional); None with
-            ``pretrained``: timm's own download (Hugging Face hub or URL).
+        weights: a state-dict file for that architecture (classifier keys optional), or
+            ``FILE#KEY`` for the mapping under ``KEY``; None with ``pretrained``: timm's own
+            download (Hugging Face hub or URL).
         pretrained: False gives a seeded random network (``weights_id="random-init"``).
 
     Raises:
@@ -323,7 +330,8 @@ def build_hub(repo: str, entry: str, weights: str | Path | None = None, pretrain
     Args:
         repo: ``owner/name[:ref]`` on GitHub, or a local directory holding ``hubconf.py``.
         entry: the entry point (a function of ``hubconf.py``).
-        weights: state-dict file loaded (strictly) into the net the entry builds without weights.
+        weights: state-dict file (or ``FILE#KEY``) loaded (strictly) into the net the entry
+            builds without weights.
         pretrained: passed to the entry (``pretrained=`` or torchvision's ``weights=``);
             False gives a network built under a fixed seed.
     """
@@ -349,9 +357,8 @@ def build_hub(repo: str, entry: str, weights: str | Path | None = None, pretrain
         raise TypeError(f"hub entry {repo}:{entry} returned a {type(net).__name__}, not an nn.Module")
     origin = f"hub:{repo_arg}:{entry}"
     if weights is not None:
-        path = Path(weights).expanduser()
-        strict_load(net, _read_weights(path))
-        weights_id = sha256_file(path)
+        strict_load(net, _read_weights(weights))
+        weights_id = weights_digest(weights)
     else:
         weights_id = f"{'hub-pretrained' if pretrained else 'random-init'}:{origin}"
     net.requires_grad_(False).eval()

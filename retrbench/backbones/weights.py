@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..utils.checkpoint import CheckpointError
+from ..utils.checkpoint import CheckpointError, split_weights_key
 from ..utils.io import download, sha256_file
 from ..utils.paths import weights_cache_dir
 from .base import BackboneInfo
@@ -71,6 +71,7 @@ def resolve_weights(
     cache_dir: Path | None = None,
     how_to_get: str = "",
     alternatives: Sequence[str] = (),
+    keyed: bool = False,
 ) -> Path:
     """Path of the weights file to load for a backbone.
 
@@ -79,14 +80,28 @@ def resolve_weights(
     download of ``info.url`` into the cache (verified against ``info.sha256``). ``cache_dir``
     defaults to :func:`retrbench.utils.paths.weights_cache_dir`.
 
+    ``FILE#KEY`` (the state dict under the top-level ``KEY`` of ``FILE``; a path that is an
+    existing file is taken whole, ``#`` and all): with ``keyed=True``, for callers that read
+    the file with :func:`~retrbench.utils.checkpoint.read_state_dict` and identify it with
+    :func:`~retrbench.utils.checkpoint.weights_digest`, it is returned as given; otherwise it
+    is refused, since the entry reads a checkpoint of a fixed layout.
+
     Raises:
         FileNotFoundError: ``weights`` does not exist, or there is no cached file and no URL
             (the message says where it looked, how to pass ``--weights`` and ``how_to_get``).
+        CheckpointError: ``FILE#KEY`` without ``keyed``.
     """
     if weights is not None:
         p = Path(weights).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"weights file not found: {p}")
+        file, key = split_weights_key(weights)
+        if not file.is_file():
+            raise FileNotFoundError(f"weights file not found: {file}" + (" (it is a directory)" if file.is_dir() else ""))
+        if key is not None and not keyed:
+            who = f"{info.label} weights" if info.label else "the weights of this model"
+            raise CheckpointError(
+                f"{file}: #{key} would pick a nested state dict, but {who} are read whole (a fixed checkpoint "
+                f"layout): pass the file itself, --weights {file}"
+            )
         return p
     root = Path(cache_dir) if cache_dir is not None else weights_cache_dir()
     for name in alternatives:

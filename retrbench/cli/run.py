@@ -65,6 +65,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help=h["workers"] + " (default %(default)s)")
     p.add_argument("--dataset-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help=h["dataset_options"] + " (repeatable)")
     p.add_argument("--topk", type=int, default=None, help=h["topk"])
+    p.add_argument("--exif", action=argparse.BooleanOptionalAction, default=None, help=h["exif"])
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, metavar="N", help=h["max_pixels"] + " (default %(default)s)")
     p.add_argument("--allow-missing", action="store_true", help=h["allow_missing"])
     p.add_argument("--format", choices=FORMATS, default="markdown", help="table format printed (default %(default)s)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write rows, timings and notes as JSON to FILE ('-': print JSON instead of the table)")
@@ -95,6 +97,8 @@ def _config(a: argparse.Namespace) -> Any:
             allow_missing=a.allow_missing,
             dataset_options=tuple(a.dataset_option),
             topk=a.topk,
+            exif=a.exif,
+            max_pixels=a.max_pixels or None,
         )
         check_config(cfg)
     except (KeyError, ValueError, TypeError) as e:
@@ -103,7 +107,9 @@ def _config(a: argparse.Namespace) -> Any:
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-    text = json.dumps(payload, indent=1, default=str, allow_nan=False)
+    from ..results import json_safe
+
+    text = json.dumps(json_safe(payload), indent=1, default=str, allow_nan=False)  # NaN -> null: strict JSON
     if path == "-":
         print(text)
         return
@@ -176,6 +182,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     from ..datasets import load_gnd_pickle
     from ..evaluation import evaluate, gnd_from_pickle
+    from ..results import warn_undefined_metrics
     from ..utils.render import render
 
     try:
@@ -186,8 +193,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         ranks = np.load(a.ranks, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise OSError(f"cannot read --ranks {a.ranks}: {e}") from None
-    gnd = gnd_from_pickle(load_gnd_pickle(a.gnd), a.protocol)
-    metrics = evaluate(ranks, gnd, a.protocol, kappas=kappas)
+    data = load_gnd_pickle(a.gnd)
+    gnd = gnd_from_pickle(data, a.protocol)
+    metrics = evaluate(ranks, gnd, a.protocol, kappas=kappas, n_database=len(data["imlist"]))
+    warn_undefined_metrics(metrics, Path(a.gnd).name)
     df = pd.DataFrame([{"split": m.split, "metric": m.name, "value": m.value} for m in metrics])
     if a.json:
         _write_json(a.json, {"ranks": a.ranks, "gnd": a.gnd, "protocol": a.protocol, "metrics": df.to_dict("records")})

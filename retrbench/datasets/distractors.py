@@ -22,12 +22,14 @@ first ``N`` listed (for quick runs; recorded in notes, numbers then are not R1M 
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 from ..types import Query, RetrievalDataset
 from ._common import existing_files, md5_file, preview, resolve_data_root
 from .base import DATASETS, DatasetInfo
+from .groundtruth import read_text_file
 from .oxford import load_revisited
 
 __all__ = ["load_with_distractors", "read_distractor_list", "REVISITOP1M_SIZE"]
@@ -40,7 +42,7 @@ _LAYOUT = "<data_root>/revisitop1m/revisitop1m.txt and <data_root>/revisitop1m/j
 def read_distractor_list(path: Path) -> list[str]:
     """The paths of ``revisitop1m.txt`` (relative to ``revisitop1m/jpg/``), ``.jpg`` added where a line has no extension."""
     out = []
-    with open(path) as f:
+    with io.StringIO(read_text_file(path, "distractor list")) as f:
         for r, line in enumerate(f, start=1):
             s = line.strip().replace("\\", "/")
             if not s:

@@ -22,6 +22,9 @@ columns are optional. Rows of the same ``query`` are merged, in order of first a
 ``box`` (``x0 y0 x1 y1``, original-image pixels) may be given on any of its rows but must not
 differ between rows. A row naming only a query declares a query without positives.
 
+Ground-truth files are UTF-8 (a byte-order mark is allowed); another encoding is an error
+naming the file, the byte offset and the line of the first byte that is not UTF-8.
+
 Ground truth, JSON: a list (or ``{"queries": [...]}``) of one object per query::
 
     [{"query": "q/eiffel_1.jpg", "positive": ["db/eiffel_07.jpg", "db/eiffel_11.jpg"],
@@ -52,6 +55,7 @@ is the data).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -60,11 +64,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..types import Query, RetrievalDataset
+from ..utils.images import image_size
 from ._common import SHOW, md5_file
 from .base import DATASETS
+from .groundtruth import read_text_file
 
 __all__ = ["IMAGE_EXTENSIONS", "GT_NAMES", "load_folder", "scan_images"]
 
@@ -134,8 +139,7 @@ def _parse_box(value: Any, where: str) -> tuple[float, float, float, float] | No
 
 
 def _read_csv(path: Path) -> list[_Entry]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text_file(path), newline="")))
     if not rows:
         raise ValueError(f"{path}: empty ground-truth file (expected a header: query,positive[,junk][,box])")
     header = [h.strip().lower() for h in rows[0]]
@@ -181,7 +185,7 @@ def _json_names(value: Any, key: str, where: str) -> list[tuple[str, str]]:
 
 def _read_json(path: Path) -> list[_Entry]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if isinstance(data, dict) and "queries" in data:
@@ -241,10 +245,11 @@ class _Resolver:
 
 
 def _check_box_in_image(root: Path, image: str, box: tuple[float, float, float, float], where: str) -> None:
+    """Boxes are in the pixels of the upright photo (EXIF orientation applied, as runs do for
+    folders by default); only the header is read, so no pixel limit applies here."""
     try:
-        with Image.open(root / image) as im:
-            w, h = im.size
-    except OSError as e:
+        w, h = image_size(root / image, exif=True, max_pixels=None)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{where}: cannot read query image {root / image} ({e})") from e
     if box[2] > w + 1e-6 or box[3] > h + 1e-6:
         raise ValueError(f"{where}: box {box} of {image} exceeds the image ({w} x {h} pixels)")
@@ -388,7 +393,7 @@ def load_folder(
         notes["missing"] = (
             f"allow_missing: {len(unknown)} ground-truth names not found were dropped ({n_dropped_q} queries)"
         )
-    return RetrievalDataset(f"folder:{root.name}", root, images, tuple(queries), tuple(gnd), "map", notes)
+    return RetrievalDataset(f"folder:{root.name}", root, images, tuple(queries), tuple(gnd), "map", notes, exif_orientation=True)
 
 
 @DATASETS.resolver(

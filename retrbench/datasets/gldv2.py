@@ -31,6 +31,7 @@ top: ``-1`` entries (nothing) and ``junk`` ids (none in GLDv2) are removed befor
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import numpy as np
 from ..types import Query, RetrievalDataset
 from ._common import SHOW, build_dataset, existing_files, md5_file, preview, resolve_data_root
 from .base import DATASETS, DatasetInfo
+from .groundtruth import read_text_file
 
 __all__ = ["load_gldv2", "GLDV2_SOLUTION", "GLDV2_SPLITS"]
 
@@ -61,7 +63,7 @@ def _image_path(split_dir: str, image_id: str) -> str:
 
 def _read_ids(path: Path) -> list[str]:
     """The ``id`` column of a GLDv2 metadata CSV (index.csv / test.csv)."""
-    with open(path, newline="") as f:
+    with io.StringIO(read_text_file(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header or "id" not in [h.strip() for h in header]:
@@ -80,7 +82,7 @@ def _read_ids(path: Path) -> list[str]:
 def _read_solution(path: Path) -> list[tuple[str, list[str], str, int]]:
     """Rows ``(test id, index ids, usage, row number)`` with matches, Public / Private only."""
     out = []
-    with open(path, newline="") as f:
+    with io.StringIO(read_text_file(path), newline="") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if header[:3] != ["id", "images", "Usage"]:

@@ -42,7 +42,7 @@ import numpy as np
 from ..types import Query, RetrievalDataset
 from ._common import SHOW, as_bbox, build_dataset, md5_file, preview, resolve_data_root
 from .base import DATASETS, DatasetInfo
-from .groundtruth import load_gnd_pickle
+from .groundtruth import load_gnd_pickle, read_text_file
 
 __all__ = ["PARIS_CORRUPT", "load_revisited", "load_classic"]
 
@@ -214,7 +214,7 @@ def _read_names(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"ground-truth list {path} not found (each *_query.txt needs _good, _ok, _junk lists)")
     out = []
-    for token in path.read_text().split():
+    for token in read_text_file(path).split():
         s = token
         if s.endswith(".jpg"):
             s = s[: -len(".jpg")]
@@ -231,7 +231,7 @@ def _parse_lists(gt_dir: Path) -> tuple[list[str], list[tuple[float, float, floa
     qnames, boxes, lists = [], [], []
     for qf in qfiles:
         stem = qf.name[: -len("_query.txt")]
-        tokens = qf.read_text().split()
+        tokens = read_text_file(qf).split()
         if len(tokens) < 5:
             raise ValueError(f"{qf}: expected '<image> x0 y0 x1 y1', got {' '.join(tokens)!r}")
         img = tokens[0]

@@ -1,11 +1,13 @@
 """Evaluation stage: rankings + ground truth -> metrics, exactly as the reference code computes them.
 
 :mod:`.core` holds the vectorised AP / P@k (identical to revisitop's ``compute_map``, see its
-docstring for every convention); :mod:`.protocols` the :data:`PROTOCOLS` registry and
-:func:`evaluate`. A new protocol is one function registered in :data:`PROTOCOLS`.
+docstring for every convention); :mod:`.checks` the ranking validation (:func:`check_ranks`:
+no id twice in a row, none beyond the database); :mod:`.protocols` the :data:`PROTOCOLS`
+registry and :func:`evaluate`. A new protocol is one function registered in :data:`PROTOCOLS`.
 """
 
-from .core import Gnd, MapResult, average_precision, compute_map
+from .checks import check_ranks
+from .core import Gnd, MapResult, average_precision, check_gnd_range, compute_map
 from .protocols import (
     PROTOCOLS,
     ProtocolInfo,
@@ -23,6 +25,8 @@ __all__ = [
     "PROTOCOLS",
     "ProtocolInfo",
     "average_precision",
+    "check_gnd_range",
+    "check_ranks",
     "compute_map",
     "evaluate",
     "gldv2_protocol",

@@ -23,10 +23,13 @@ Conventions of this module (differences from the reference are marked *):
   full-ranking value whenever ``k`` is at most the number of non-junk entries listed.
 * ``-1`` marks "nothing" (faiss padding) and is skipped like junk (*).
 * A database id listed twice in a ground-truth list counts once (* the reference would count
-  it twice in the AP normaliser; the public files have no such duplicates). Rows of
-  ``ranks`` are expected to list each database id at most once.
+  it twice in the AP normaliser; the public files have no such duplicates).
+* A row of ``ranks`` must list each database id at most once: :func:`check_ranks` (run by
+  :func:`compute_map` and :func:`~retrbench.evaluation.evaluate`) rejects a repeated id, an id
+  below ``-1`` and, given the database size, an id beyond the database, naming the row (*the
+  reference counts a repeated positive again, which can push AP above 1).
 
-Public API: :func:`average_precision`, :func:`compute_map`, :func:`evaluate`,
+Public API: :func:`average_precision`, :func:`check_ranks`, :func:`compute_map`, :func:`evaluate`,
 :func:`gnd_from_pickle` and the :data:`PROTOCOLS` registry (``revisited``, ``classic``,
 ``ukbench``, ``map``) whose factories are ``(ranks, gnd, kappas) -> list[Metric]``.
 """
@@ -39,9 +42,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..types import Metric, SearchResult
+from ..types import Metric
+from .checks import _as_ranks, _database_size, _range_text, check_ranks
 
-__all__ = ["Gnd", "MapResult", "average_precision", "compute_map"]
+__all__ = ["Gnd", "MapResult", "average_precision", "check_gnd_range", "compute_map"]
 
 Gnd = Sequence[Mapping[str, Any]]
 ProtocolFn = Callable[[np.ndarray, Gnd, Sequence[int]], "list[Metric]"]
@@ -305,21 +309,24 @@ def _check_kappas(kappas: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-def _as_ranks(ranks: np.ndarray | SearchResult, n_queries: int | None = None) -> np.ndarray:
-    """``ranks`` as a ``(Q, K)`` integer array, or ValueError naming the shape."""
-    arr = np.asarray(ranks.indices if isinstance(ranks, SearchResult) else ranks)
-    if arr.ndim != 2:
-        raise ValueError(f"ranks: expected a 2-D (Q, K) array of database indices, one row per query, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"ranks: expected integer database indices, got dtype {arr.dtype}")
-    if n_queries is not None and arr.shape[0] != n_queries:
-        raise ValueError(
-            f"ranks: shape {arr.shape} has {arr.shape[0]} rows but the ground truth has {n_queries} queries "
-            "(ranks must be (Q, K), one row per query; transpose a revisitop-style (N, Q) matrix)"
-        )
-    if arr.size and int(arr.min()) < -1:
-        raise ValueError(f"ranks: database indices must be >= 0 (or -1 for nothing), got {int(arr.min())}")
-    return arr
+def check_gnd_range(gnd: Gnd, keys: Sequence[str], n_database: int | None, *, source: str = "gnd") -> None:
+    """Check that every id under ``keys`` of every query is a database index below ``n_database``.
+
+    Keys absent from a query are skipped (the protocols report them); ``n_database=None``
+    checks nothing. Raises ``ValueError`` naming the query, key and value: ``gnd[2]['junk'] has
+    database id 5000 but the database has 4993 images (ids 0..4992)`` (``source`` replaces
+    ``gnd``, e.g. with a file name).
+    """
+    n = _database_size(n_database)
+    if n is None:
+        return
+    sets = _gnd_sets(gnd, (), optional=tuple(keys))
+    for key in keys:
+        ids = sets[key].ids
+        if ids.size and int(ids.max()) >= n:
+            at = int(np.argmax(ids >= n))
+            q = int(np.searchsorted(np.cumsum(sets[key].lengths), at, side="right"))
+            raise ValueError(f"{source}[{q}][{key!r}] has database id {int(ids[at])} but {_range_text(n)}")
 
 
 def _result(h: _Hits, kappas: Sequence[int]) -> MapResult:
@@ -328,21 +335,33 @@ def _result(h: _Hits, kappas: Sequence[int]) -> MapResult:
     return MapResult(_mean(aps, h.valid), aps, _mean(prs, h.valid), prs)
 
 
-def compute_map(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)) -> MapResult:
+def compute_map(
+    ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10), n_database: int | None = None
+) -> MapResult:
     """mAP and mean precision at ``kappas``, vectorised over all queries.
 
     Args:
         ranks: ``(Q, K)`` integer database indices, one row per query, best first; ``K`` may
-            be less than the database size; ``-1`` entries are skipped.
+            be less than the database size; ``-1`` entries are skipped. Checked by
+            :func:`check_ranks` (no id twice in a row; below ``n_database`` when given).
         gnd: ``Q`` mappings with ``ok`` (positives) and optionally ``junk`` (ignored images),
             lists or 1-D integer arrays.
         kappas: the ``k`` of P@k.
+        n_database: the number of database images; ids in ``ranks`` and ``gnd`` must be below it.
 
     Returns:
         ``MapResult(map, aps (Q,), mpr (len(kappas),), prs (Q, len(kappas)))``, fractions in
         [0, 1]; queries with no ``ok`` are ``nan`` in ``aps`` / ``prs`` and left out of the means.
     """
     arr = _as_ranks(ranks, len(gnd))
+    check_ranks(arr, n_database)
+    if n_database is not None:
+        check_gnd_range(gnd, ("ok", "junk"), n_database)
+    return _compute_map(arr, gnd, kappas)
+
+
+def _compute_map(arr: np.ndarray, gnd: Gnd, kappas: Sequence[int]) -> MapResult:
+    """:func:`compute_map` of a checked ``(Q, K)`` ranking."""
     kappas = _check_kappas(kappas)
     sets = _gnd_sets(gnd, ("ok",), ("junk",))
     lab = _label(arr, [sets["ok"], sets["junk"]])

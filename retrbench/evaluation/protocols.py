@@ -15,19 +15,20 @@ import numpy as np
 
 from ..registry import EntryInfo, Registry
 from ..types import Metric, SearchResult
+from .checks import _as_ranks, check_ranks
 from .core import (
     Gnd,
     MapResult,
     _ap,
-    _as_ranks,
     _check_kappas,
+    _compute_map,
     _count_within,
     _gnd_sets,
     _hits,
     _label,
     _mean,
     _result,
-    compute_map,
+    check_gnd_range,
 )
 
 __all__ = ["PROTOCOLS", "ProtocolInfo", "evaluate", "gnd_from_pickle", "gldv2_protocol", "map_at_k", "per_query_ap", "precision_at_k"]
@@ -90,7 +91,7 @@ def revisited_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 
 )
 def classic_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)) -> list[Metric]:
     """Original Oxford5k / Paris6k protocol: positives ``ok`` (good + ok), ``junk`` removed; mAP and mP@k in percent."""
-    return _percent_metrics("all", compute_map(ranks, gnd, kappas), _check_kappas(kappas))
+    return _percent_metrics("all", _compute_map(_as_ranks(ranks, len(gnd)), gnd, kappas), _check_kappas(kappas))
 
 
 @PROTOCOLS.register(
@@ -129,7 +130,9 @@ def map_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)
     return out
 
 
-def gnd_from_pickle(data: Mapping[str, Any] | Gnd, protocol: str = "revisited") -> list[dict[str, np.ndarray]]:
+def gnd_from_pickle(
+    data: Mapping[str, Any] | Gnd, protocol: str = "revisited", n_database: int | None = None
+) -> list[dict[str, np.ndarray]]:
     """Ground truth as ``evaluate`` takes it, from a loaded ``gnd_*.pkl``.
 
     Args:
@@ -137,13 +140,26 @@ def gnd_from_pickle(data: Mapping[str, Any] | Gnd, protocol: str = "revisited") 
             (its ``gnd`` list is used), or that list itself.
         protocol: a :data:`PROTOCOLS` name; selects the keys kept (``easy``/``hard``/``junk``
             for ``revisited``, ``ok``/``junk`` otherwise). ``bbx`` and other keys are dropped.
+        n_database: the number of database images; default ``len(data["imlist"])`` when
+            ``data`` is the dict. Every id must be below it.
 
     Returns:
         Q dicts mapping each key to a 1-D int64 array of database indices.
+
+    Raises:
+        ValueError: a query lacks a key of the protocol, or an id is not a database index
+            (naming the query, key and value, e.g. ``gnd[3]['junk'] has database id 5000 but
+            the database has 4993 images (ids 0..4992)``).
     """
-    entries = data["gnd"] if isinstance(data, Mapping) else data
+    if isinstance(data, Mapping):
+        entries = data["gnd"]
+        if n_database is None and "imlist" in data:
+            n_database = len(data["imlist"])
+    else:
+        entries = data
     keys = PROTOCOLS.get(protocol).info.keys
     sets = _gnd_sets(entries, keys, protocol=protocol)
+    check_gnd_range(entries, keys, n_database)
     per_key = {k: sets[k].split() for k in keys}
     return [{k: per_key[k][q] for k in keys} for q in range(len(entries))]
 
@@ -153,25 +169,31 @@ def evaluate(
     gnd: Gnd,
     protocol: str = "revisited",
     kappas: Sequence[int] = (1, 5, 10),
+    n_database: int | None = None,
 ) -> list[Metric]:
     """Evaluate rankings under a protocol of :data:`PROTOCOLS`.
 
     Args:
         ranks: ``(Q, K)`` integer database indices, one row per query, best first (or a
             :class:`~retrbench.types.SearchResult`, whose ``indices`` are used); ``-1`` = nothing.
+            Each id at most once per row (:func:`~retrbench.evaluation.check_ranks`).
         gnd: ``Q`` per-query mappings with the protocol's keys (``easy``/``hard``/``junk`` for
             ``revisited``, ``ok``/``junk`` otherwise) as lists or integer arrays; other keys
             such as ``bbx`` are ignored, so a raw ``gnd_*.pkl`` ``gnd`` list works as is.
-        protocol: ``revisited``, ``classic``, ``ukbench`` or ``map``.
+        protocol: ``revisited``, ``classic``, ``ukbench``, ``map`` or ``gldv2``.
         kappas: the ``k`` of mP@k (and R@k).
+        n_database: the number of database images (``len(imlist)``); when given, every id in
+            ``ranks`` and ``gnd`` must be below it. Repeated and negative ids are always refused.
 
     Returns:
         The protocol's metrics (percentages except UKBench's N-S), e.g. for ``revisited``
         ``Metric("easy", "mAP", ...)``, ``Metric("easy", "mP@1", ...)``, ... for each split.
 
     Raises:
-        ValueError: ranks not 2-D integer with one row per query, a query lacking a key the
-            protocol needs, non-integer or negative ids, non-positive kappas.
+        ValueError: ranks not 2-D integer with one row per query, an id listed twice in a row,
+            below -1 or (with ``n_database``) beyond the database, naming the row and value; a
+            query lacking a key the protocol needs, non-integer or negative ground-truth ids, or
+            ids beyond the database (naming query, key and value); non-positive kappas.
         KeyError: unknown protocol (naming the closest known ones).
     """
     entry = PROTOCOLS.get(protocol)
@@ -179,21 +201,28 @@ def evaluate(
         raise ValueError("gnd: expected a sequence of per-query dicts; for a loaded gnd_*.pkl pass data['gnd'] or use gnd_from_pickle")
     arr = _as_ranks(ranks, len(gnd))
     kappas = _check_kappas(kappas)
+    check_ranks(arr, n_database)
+    check_gnd_range(gnd, entry.info.keys, n_database)
     return entry.factory(arr, gnd, kappas)  # the factory checks gnd, naming the protocol
 
 
-def per_query_ap(ranks: np.ndarray | SearchResult, gnd: Gnd, protocol: str = "revisited") -> dict[str, np.ndarray]:
+def per_query_ap(
+    ranks: np.ndarray | SearchResult, gnd: Gnd, protocol: str = "revisited", n_database: int | None = None
+) -> dict[str, np.ndarray]:
     """Average precision of every query, per split, as fractions in [0, 1].
 
     ``revisited`` gives ``easy`` / ``medium`` / ``hard``; ``classic``, ``map`` and ``ukbench``
     give ``all``; queries without positives in a split are ``nan`` (left out of the means).
-    Other protocols (``gldv2``'s mAP@100) return an empty dict.
+    Other protocols (``gldv2``'s mAP@100) return an empty dict. ``ranks`` and ``n_database``
+    are checked as by :func:`evaluate`.
 
     Returns:
         split -> ``(Q,)`` float64 array, in ground-truth query order.
     """
     entry = PROTOCOLS.get(protocol)
     arr = _as_ranks(ranks, len(gnd))
+    check_ranks(arr, n_database)
+    check_gnd_range(gnd, entry.info.keys, n_database)
     if entry.name == "revisited":
         sets = _gnd_sets(gnd, ("easy", "hard", "junk"), protocol="revisited")
         lab = _label(arr, [sets["easy"], sets["hard"], sets["junk"]])
@@ -277,7 +306,8 @@ def gldv2_protocol(
 ) -> list[Metric]:
     """GLDv2 retrieval: ``mAP@100`` (Kaggle / DELF) and ``mP@k`` (relevant in the top k / k), in percent.
 
-    A repeated id takes a position but counts once (as DELF); ``-1`` and junk are removed first.
+    ``-1`` and junk are removed first. :func:`map_at_k` on its own lets a repeated id take a
+    position but count once (as DELF); through :func:`evaluate` a repeated id is an error.
     """
     kappas = tuple(int(k) for k in kappas)
     if any(k < 1 for k in kappas):

@@ -15,7 +15,17 @@ from __future__ import annotations
 # importing the entry modules registers them
 from . import diffusion as diffusion
 from . import qe as qe
-from .base import RERANKERS, RankState, Reranker, RerankerInfo, build_reranker, pipeline_label, pipeline_order, rerank
+from .base import (
+    RERANKERS,
+    RankState,
+    Reranker,
+    RerankerInfo,
+    build_reranker,
+    clamp_notes,
+    pipeline_label,
+    pipeline_order,
+    rerank,
+)
 from .cache import clear_cache
 from .diffusion import DiffusionParams, diffusion_graph, offline_diffusion
 from .graphs import EXACT_KNN_MAX_N, database_knn
@@ -28,6 +38,7 @@ __all__ = [
     "Reranker",
     "RerankerInfo",
     "build_reranker",
+    "clamp_notes",
     "clear_cache",
     "database_knn",
     "diffusion_graph",

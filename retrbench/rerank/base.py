@@ -73,6 +73,7 @@ __all__ = [
     "Reranker",
     "RerankerInfo",
     "build_reranker",
+    "clamp_notes",
     "pipeline_label",
     "pipeline_order",
     "rerank",
@@ -227,3 +228,26 @@ def pipeline_order(spec: str | Pipeline | None) -> tuple[int, tuple[int, ...]]:
     pipe = parse_pipeline(spec, what="rerank spec")
     orders = [RERANKERS.get(n).info.order if n in RERANKERS else _UNKNOWN_ORDER for n in pipe.names]
     return (len(orders), tuple(sorted(orders)))
+
+
+_SIZE_PARAMS = ("k", "kq")  # neighbour counts (a truncation length above N is no approximation)
+
+
+def clamp_notes(spec: str | Pipeline, n_database: int) -> list[str]:
+    """One note per step parameter (given or default) that asks for more database vectors than
+    there are, and is therefore clamped when the step runs: e.g. ``dba: k=50 is more than the 9
+    other database vectors; 9 used``. Database-side steps exclude each vector itself."""
+    notes = []
+    for step in parse_pipeline(spec, "rerank spec"):
+        entry = RERANKERS.get(step.name)
+        params = inspect.signature(entry.factory).parameters
+        for key in _SIZE_PARAMS:
+            if key not in params:
+                continue
+            value = step.kwargs.get(key, params[key].default)
+            own = entry.info.stage == "database" and key == "k"
+            limit = n_database - 1 if own else n_database
+            if isinstance(value, int) and value > limit:
+                what = f"the {limit} other database vectors" if own else f"the {limit} database vectors"
+                notes.append(f"{step.name}: {key}={value} is more than {what}; {limit} used")
+    return notes

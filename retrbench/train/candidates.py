@@ -8,7 +8,7 @@ images, best first. InsCLR assumes an image's positives lie only in its candidat
 candidates that are not positives are its hard negatives.
 
 Both halves are cached and resumable: the descriptors through
-:class:`retrbench.extraction.FeatureCache` (finished chunks are kept, so an interrupted
+:class:`retrbench.extraction.FeatureCache` (finished batches are kept, so an interrupted
 extraction resumes), the candidate sets as one ``.npz`` written atomically.
 """
 
@@ -123,14 +123,16 @@ def describe(
     workers: int = 2,
     progress: bool = False,
     desc: str = "candidates",
+    exif: bool = False,
 ) -> np.ndarray:
     """L2-normalised GeM descriptors of whole images: ``(N, C)`` float32, row ``i`` for ``paths[i]``.
 
     ``net`` maps a normalised ``(B, 3, H, W)`` batch to its ``(B, C, h, w)`` feature map; images are
     resized so that their longer side is ``image_size`` (aspect kept, as ``retrbench run`` does).
-    With a ``cache``, finished chunks are kept and a finished result is reused.
+    With a ``cache``, finished batches are kept and a finished result is reused. ``exif`` applies
+    the images' EXIF orientation.
     """
-    specs = [ImageSpec(Path(p), None, int(image_size)) for p in paths]
+    specs = [ImageSpec(Path(p), None, int(image_size), exif=exif) for p in paths]
     feats = extract(
         net,
         lambda x: gem(x, p=gem_p),

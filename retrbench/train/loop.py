@@ -92,18 +92,22 @@ class Batch:
     idx: Tensor
 
 
-def _resolve(config: InsCLRConfig, backbone: Backbone | None, images: Sequence[str | Path] | None) -> tuple[Backbone, list[Path]]:
+def _resolve(config: InsCLRConfig, backbone: Backbone | None, images: Sequence[str | Path] | None) -> tuple[Backbone, list[Path], bool]:
+    """The network, the training images and whether their EXIF orientation is applied (the
+    dataset's default: users' folders yes, benchmarks no; explicit image lists: no)."""
     if backbone is None:
         backbone = BACKBONES.create(config.model, weights=config.weights)
+    exif = False
     if images is None:
         from ..datasets import load_dataset
 
         ds = load_dataset(config.dataset, config.data_root)
         images = [Path(ds.root) / p for p in ds.images]
+        exif = ds.exif_orientation
     paths = [Path(p) for p in images]
     if len(paths) < config.tuple_k + 2:
         raise ValueError(f"need at least {config.tuple_k + 2} training images, got {len(paths)}")
-    return backbone, paths
+    return backbone, paths, exif
 
 
 def train(
@@ -138,7 +142,7 @@ def train(
     run = RunDir(Path(out))
     run.root.mkdir(parents=True, exist_ok=True)
     cfg = config
-    backbone, paths = _resolve(cfg, backbone, images)
+    backbone, paths, exif = _resolve(cfg, backbone, images)
     n = len(paths)
     if eval_labels is not None and len(eval_labels) != n:
         raise ValueError(f"eval_labels has {len(eval_labels)} entries for {n} images")
@@ -147,7 +151,7 @@ def train(
     pattern = cfg.trainable or default_trainable(backbone)
     backbone.to(device, memory_format=torch.channels_last)
     net = Net(backbone, set_trainable(backbone, pattern), Normalise(backbone.info.mean, backbone.info.std, device), cfg.gem_p, bool(cfg.amp and device.type == "cuda"))
-    views = TrainViews(paths, cfg)
+    views = TrainViews(paths, cfg, exif=exif)
 
     # --- where to start
     if restart:
@@ -241,7 +245,7 @@ def _start_stage(
     """
     backbone, device, n = net.backbone, net.device, len(paths)
     weights_id = base_weights_id if stage == 0 else sha256_file(run.stage(stage - 1))
-    meta = {"weights_id": weights_id, "model": backbone.name, "image_size": cfg.image_size, "gem_p": cfg.gem_p, "images": stable_hash([str(p) for p in paths], 32)}
+    meta = {"weights_id": weights_id, "model": backbone.name, "image_size": cfg.image_size, "gem_p": cfg.gem_p, "images": stable_hash([str(p) for p in paths], 32), **({"exif": True} if views.exif else {})}
     key = stable_hash(meta, 20)
     cand_path = run.candidates / f"stage{stage}-{key}.npz"
     descriptors: np.ndarray | None = None
@@ -254,7 +258,7 @@ def _start_stage(
         descriptors = describe(
             backbone, paths, cfg.image_size, mean=backbone.info.mean, std=backbone.info.std, gem_p=cfg.gem_p,
             cache=feat_cache, device=device, batch_size=cfg.batch_size_extract, workers=cfg.workers,
-            progress=progress, desc=f"stage {stage} candidates",
+            progress=progress, desc=f"stage {stage} candidates", exif=views.exif,
         )  # fmt: skip
         cands = load_or_compute(cand_path, lambda d=descriptors: candidate_sets(d, cfg.candidates_k), n)
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..utils.images import ImageSpec, load_image
+from ..utils.images import ImageSpec, decode_rgb, load_image
 from .config import InsCLRConfig
 from .tuples import step_rng
 
@@ -60,11 +60,13 @@ class TrainViews(torch.utils.data.Dataset):
     Args:
         paths: the training images; ``index`` is a position in it.
         cfg: image size, augmentation parameters and seed.
+        exif: apply the images' EXIF orientation (as ``retrbench run`` does for the dataset).
     """
 
-    def __init__(self, paths: Sequence[Path], cfg: InsCLRConfig) -> None:
+    def __init__(self, paths: Sequence[Path], cfg: InsCLRConfig, *, exif: bool = False) -> None:
         self.paths = list(paths)
         self.cfg = cfg
+        self.exif = exif
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,11 +74,7 @@ class TrainViews(torch.utils.data.Dataset):
     def augmented(self, i: int, rng: np.random.Generator) -> Tensor:
         """Augmented ``(3, S, S)`` uint8 view of image ``i`` (``S = image_size``), drawn from ``rng``."""
         c, s = self.cfg, self.cfg.image_size
-        try:
-            with Image.open(self.paths[i]) as im:
-                img = im.convert("RGB")
-        except OSError as e:
-            raise OSError(f"{self.paths[i]}: cannot decode image ({e})") from e
+        img = decode_rgb(self.paths[i], exif=self.exif)  # 16-bit, palette, CMYK ... as extraction reads them
         box = random_resized_crop(img.width, img.height, c.aug_scale, c.aug_ratio, rng)
         img = img.resize((s, s), Image.Resampling.BILINEAR, box=box)
         if c.hflip and rng.random() < 0.5:
@@ -85,7 +83,7 @@ class TrainViews(torch.utils.data.Dataset):
 
     def plain(self, i: int) -> Tensor:
         """Un-augmented ``(3, H, W)`` uint8 view of image ``i``, longer side ``image_size``."""
-        return load_image(ImageSpec(self.paths[i], None, self.cfg.image_size))
+        return load_image(ImageSpec(self.paths[i], None, self.cfg.image_size, exif=self.exif))
 
     def memory_view(self, i: int, stage: int) -> Tensor:
         """The augmented view of image ``i`` that fills the memory at the start of ``stage`` (``memory_init=augmented``)."""

@@ -80,6 +80,33 @@ def test_timm_wrong_weights_are_refused(tmp_path: Path, resnet18_ref: tuple[torc
         BACKBONES.create("timm:resnet18", weights=cut)
 
 
+def test_timm_nested_weights_from_the_command_line(tmp_path: Path, resnet18_ref: tuple[torch.nn.Module, Path]) -> None:
+    # weights under a key outside NESTED_KEYS: the error says how to pick them from the CLI, and
+    # --weights FILE#KEY (a RunConfig string, as the CLI builds it) loads them
+    from retrbench.config import RunConfig
+
+    ref, _ = resnet18_ref
+    path = tmp_path / "distill.pth"
+    torch.save({"epoch": 9, "teacher": ref.state_dict(), "student": {"w": torch.ones(1)}}, path)
+    with pytest.raises(CheckpointError) as err:
+        BACKBONES.create("timm:resnet18", weights=path)
+    msg = str(err.value)
+    assert '--weights FILE#KEY (weights="FILE#KEY" in Python)' in msg and "'teacher'" in msg and "\n" not in msg
+    (model,) = RunConfig(model="timm:resnet18", weights=f"{path}#teacher").models
+    bb = BACKBONES.create(model.name, weights=model.weights)
+    assert bb.weights_id == sha256_file(path) + "#teacher"  # the key keys the feature cache too
+    x = _x(32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bb(x), ref.forward_features(x), rtol=0, atol=0)
+    # a '#' that is part of an existing file name is not a key
+    hashed = tmp_path / "run#1.pth"
+    hashed.write_bytes(path.read_bytes())
+    assert BACKBONES.create("timm:resnet18", weights=f"{hashed}#teacher").weights_id == sha256_file(hashed) + "#teacher"
+    plain = tmp_path / "flat#2.pth"
+    torch.save(ref.state_dict(), plain)
+    assert BACKBONES.create("timm:resnet18", weights=plain).weights_id == sha256_file(plain)
+
+
 def test_timm_random_init_is_seeded() -> None:
     a = BACKBONES.create("timm:resnet18", pretrained=False)
     b = BACKBONES.create("timm:resnet18", pretrained=False)
@@ -163,6 +190,9 @@ def test_hub_local_torchvision_resnet_stops_before_avgpool(hub_dir: Path, tmp_pa
     bb = BACKBONES.create(f"hub:{hub_dir}:tv_resnet18", weights=path)
     assert bb.name == bb.info.label == "hub:myrepo:tv_resnet18" and bb.net.mode == "resnet"
     assert bb.info.channels == 512 and bb.info.stride == 32 and bb.weights_id == sha256_file(path)
+    nested = tmp_path / "nested.pth"
+    torch.save({"ema": ref.state_dict()}, nested)
+    assert BACKBONES.create(f"hub:{hub_dir}:tv_resnet18", weights=f"{nested}#ema").weights_id == sha256_file(nested) + "#ema"
     trunk = torch.nn.Sequential(*list(ref.children())[:-2])  # everything before avgpool and fc
     x = _x()
     with torch.no_grad():

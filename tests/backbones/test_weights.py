@@ -125,6 +125,13 @@ def test_resolve_explicit_path(tmp_path: Path, good_ckpt: Path) -> None:
     assert resolve_weights(_info(), good_ckpt) == good_ckpt
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         resolve_weights(_info(), tmp_path / "missing.pth")
+    # FILE#KEY is passed on to read_state_dict readers (keyed=True); the file part must exist
+    assert resolve_weights(_info(), f"{good_ckpt}#state_dict", keyed=True) == Path(f"{good_ckpt}#state_dict")
+    with pytest.raises(FileNotFoundError, match=r"weights file not found: .*missing\.pth#state_dict$"):
+        resolve_weights(_info(), f"{tmp_path / 'missing.pth'}#state_dict", keyed=True)
+    # entries that read a fixed layout refuse a key by name, before anything reads or hashes the file
+    with pytest.raises(CheckpointError, match=r"#state_dict would pick a nested state dict, but Tiny weights are read whole.*--weights .*good"):
+        resolve_weights(_info(label="Tiny"), f"{good_ckpt}#state_dict")
 
 
 def test_resolve_cache_then_error(tmp_path: Path) -> None:

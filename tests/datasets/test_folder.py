@@ -239,3 +239,32 @@ def test_folder_resolver_options_and_errors(tmp_path: Path) -> None:
         DATASETS.create(f"folder:{tmp_path}")
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         DATASETS.create(f"folder:{tmp_path / 'nowhere'}")
+
+
+# ----------------------------------------------------------------------------- encodings
+
+
+@pytest.mark.parametrize("name", ["groundtruth.csv", "groundtruth.json"])
+def test_ground_truth_not_utf8_names_file_offset_and_line(tmp_path: Path, name: str) -> None:
+    # before: a bare UnicodeDecodeError ("'utf-8' codec can't decode byte 0xe9 in position 61")
+    # that named neither the file nor the line
+    text = CSV if name.endswith(".csv") else json.dumps([{"query": Q[0], "positive": [DB[0]]}], indent=1)
+    _make(tmp_path, None)
+    raw = text.encode().replace(b"eiffel_07", "eiffel_\u00e907".encode("latin-1"))  # Latin-1 é
+    (tmp_path / name).write_bytes(raw)
+    offset = raw.index(b"\xe9")
+    with pytest.raises(ValueError) as err:
+        load_folder(tmp_path)
+    msg = str(err.value)
+    line = raw[:offset].count(b"\n") + 1
+    assert msg.startswith(f"{tmp_path / name}: not UTF-8 text: byte 0xe9 at byte offset {offset} (line {line}):")
+    assert "save the ground-truth file as UTF-8" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name", ["groundtruth.csv", "groundtruth.json"])
+def test_ground_truth_with_byte_order_mark(tmp_path: Path, name: str) -> None:
+    text = CSV if name.endswith(".csv") else json.dumps([{"query": Q[0], "positive": [DB[0]]}])
+    _make(tmp_path, None)
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    ds = load_folder(tmp_path)
+    assert [q.image for q in ds.queries][0] == Q[0] and _names(ds, 0, "ok")[0] == DB[0]

@@ -305,11 +305,11 @@ def test_evaluate_validates_ranks() -> None:
     with pytest.raises(ValueError, match="kappas"):
         evaluate(np.zeros((2, 4), dtype=int), gnd, "classic", kappas=(0, 5))
     with pytest.raises(ValueError, match="sequence of per-query dicts"):
-        evaluate(np.zeros((2, 4), dtype=int), {"gnd": gnd}, "classic")
+        evaluate(np.tile(np.arange(4), (2, 1)), {"gnd": gnd}, "classic")
 
 
 def test_evaluate_validates_gnd() -> None:
-    ranks = np.zeros((2, 3), dtype=np.int32)
+    ranks = np.tile(np.arange(3, dtype=np.int32), (2, 1))
     with pytest.raises(ValueError, match=r"gnd\[1\] lacks key 'hard' required by protocol 'revisited'"):
         evaluate(ranks, [{"easy": [], "hard": [], "junk": []}, {"easy": [0], "junk": [], "bbx": [0, 0, 1, 1]}])
     with pytest.raises(ValueError, match=r"gnd\[0\] lacks key 'ok'"):
@@ -380,7 +380,7 @@ def test_revisited_real_sizes_and_perfect_ranking(name: str, n_db: int) -> None:
     # hard images are junk (skipped), in Hard the easy images are junk, so each split's positives
     # come first once its junk is removed.
     ranks = np.stack([ranking(n_db, g["easy"], g["hard"], g["junk"]) for g in gnd])
-    m = as_dict(evaluate(ranks, data["gnd"]))  # the raw pickle form (lists, bbx) works as is
+    m = as_dict(evaluate(ranks, data["gnd"], n_database=n_db))  # the raw pickle form (lists, bbx) works as is
     assert len(m) == 12
     assert m == pytest.approx(dict.fromkeys(m, 100.0), rel=1e-14)  # sums of 1/n terms round
     # Putting the hard images after the unrelated ones keeps Easy perfect, but not Medium / Hard.
@@ -439,7 +439,7 @@ def test_real_gnd_matches_slow_loop(rng: np.random.Generator) -> None:
         scores[q, g["hard"]] += 1.0
     ranks = np.argsort(-scores, axis=1)
     merged = [{"ok": np.concatenate([g["easy"], g["hard"]]), "junk": g["junk"]} for g in gnd]
-    got, want = compute_map(ranks, merged), slow_map(ranks, merged, (1, 5, 10))
+    got, want = compute_map(ranks, merged, n_database=n_db), slow_map(ranks, merged, (1, 5, 10))
     assert got.map == want[0]
     np.testing.assert_array_equal(got.aps, want[1])
     np.testing.assert_array_equal(got.prs, want[3])

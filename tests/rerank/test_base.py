@@ -257,3 +257,17 @@ def test_every_paper_variant_gives_a_valid_ranking_that_reranking_changes(rng, k
             assert not np.array_equal(out.indices, g.indices), spec
         else:
             np.testing.assert_array_equal(out.indices, g.indices)
+
+
+def test_clamp_notes_name_every_parameter_larger_than_the_database():
+    from retrbench.rerank import clamp_notes
+
+    assert clamp_notes("aqe:k=5+dba:k=5", 10) == []
+    assert clamp_notes("dba:k=10", 10) == ["dba: k=10 is more than the 9 other database vectors; 9 used"]
+    assert clamp_notes("aqe:k=11", 10) == ["aqe: k=11 is more than the 10 database vectors; 10 used"]
+    # defaults count too: dfs takes k=50 and kq=10 neighbours
+    assert clamp_notes("dfs", 8) == [
+        "dfs: k=50 is more than the 8 database vectors; 8 used",
+        "dfs: kq=10 is more than the 8 database vectors; 8 used",
+    ]
+    assert clamp_notes("none", 3) == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,13 @@ from retrbench.utils.checkpoint import (
     read_checkpoint,
     read_state_dict,
     sklearn_pca_globals,
+    split_weights_key,
     strip_prefix,
     tensor_mapping,
     top_level,
+    weights_digest,
 )
+from retrbench.utils.io import sha256_file
 
 
 class _Shell:
@@ -32,6 +37,16 @@ class _Shell:
 
     def __reduce__(self):
         return (os.system, (self.command,))
+
+
+class _Touch:
+    """Pickles as ``pathlib.Path.touch(marker)``: creates ``marker`` if the file is ever run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
 
 
 @pytest.fixture
@@ -89,7 +104,10 @@ def test_wrong_structure_names_keys(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as err:
         read_state_dict(p)
     msg = str(err.value)
-    assert "'model'" in msg and "'epoch'" in msg and "key=" in msg
+    assert "'model'" in msg and "'epoch'" in msg
+    # the hint can be followed from the command line, and says how in Python
+    assert '--weights FILE#KEY (weights="FILE#KEY" in Python)' in msg and f"--weights {p}#model" in msg
+    assert "\n" not in msg
     with pytest.raises(CheckpointError, match="expected the top-level key 'state_dict'.*'model'.*'epoch'"):
         read_state_dict(p, key="state_dict")
     assert list(read_state_dict(p, key="model")) == ["w"]
@@ -195,3 +213,89 @@ def test_structure_helpers() -> None:
     assert top_level({"meta": 1, "state_dict": 2}, "f.pth", ("meta",), "cirtorch", "{'meta'}") == {"meta": 1, "state_dict": 2}
     with pytest.raises(CheckpointError, match=r"not a cirtorch checkpoint: expected \{'meta'\}; found keys 'x'"):
         top_level({"x": 1}, "f.pth", ("meta",), "cirtorch", "{'meta'}")
+
+
+# --------------------------------------------------------------------------- malicious files: named, never "truncated"
+
+
+def _save(kind: str, obj: object, p: Path) -> Path:
+    if kind == "zip":
+        torch.save(obj, p)
+    elif kind == "zip-protocol-4":
+        torch.save(obj, p, pickle_protocol=4)
+    elif kind == "legacy":
+        torch.save(obj, p, _use_new_zipfile_serialization=False)
+    else:  # a bare pickle of the given protocol
+        p.write_bytes(pickle.dumps(obj, protocol=int(kind.removeprefix("pickle-"))))
+    return p
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("kind", ["zip", "zip-protocol-4", "legacy", "pickle-0", "pickle-2", "pickle-4", "pickle-5"])
+@pytest.mark.parametrize("payload", ["touch", "system"])
+def test_malicious_checkpoint_names_the_refused_global(tmp_path: Path, kind: str, payload: str) -> None:
+    # On the code before this change, protocol-4/5 files (FRAME opcode) were "truncated or not a
+    # PyTorch checkpoint (Unsupported operand 149)", and Path.touch was named only as "getattr".
+    marker = tmp_path / "MARKER"
+    evil = _Touch(marker) if payload == "touch" else _Shell(f"touch {marker}")
+    p = _save(kind, {"state_dict": {"w": torch.ones(2)}, "x": evil}, tmp_path / f"evil-{kind}.pth")
+    for read in (read_checkpoint, read_state_dict):
+        with pytest.raises(CheckpointError) as err:
+            read(p)
+        msg = str(err.value)
+        assert "truncated" not in msg and "\n" not in msg
+        assert msg.startswith(f"{p}: refused: reading it would import or call ")
+        assert ("pathlib.Path" in msg) if payload == "touch" else ("system" in msg)
+        assert "Nothing from the file was run" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_protocol_4_checkpoint_is_not_called_truncated(tmp_path: Path) -> None:
+    p = _save("zip-protocol-4", {"w": torch.ones(2)}, tmp_path / "p4.pth")
+    with pytest.raises(CheckpointError, match=r"opcode FRAME \(pickle protocol 4\).*Nothing from the file was run") as err:
+        read_state_dict(p)
+    assert "truncated" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- FILE#KEY
+
+
+def test_file_hash_key_picks_a_nested_state_dict(tmp_path: Path) -> None:
+    p = tmp_path / "train.pth"
+    torch.save({"epoch": 3, "teacher": {"w": torch.full((2,), 2.0)}, "student": {"w": torch.ones(2)}}, p)
+    assert split_weights_key(f"{p}#teacher") == (p, "teacher")
+    assert read_state_dict(f"{p}#teacher")["w"].tolist() == [2.0, 2.0]
+    assert read_state_dict(f"{p}#student", nested=NESTED_KEYS)["w"].tolist() == [1.0, 1.0]  # the key wins
+    assert read_state_dict(f"{p}#teacher", key="teacher")["w"].tolist() == [2.0, 2.0]
+    with pytest.raises(CheckpointError, match="#teacher in the path and key='student'"):
+        read_state_dict(f"{p}#teacher", key="student")
+    with pytest.raises(CheckpointError, match=r"expected the top-level key 'nope'; found keys 'epoch', 'teacher'"):
+        read_state_dict(f"{p}#nope")
+    with pytest.raises(FileNotFoundError, match=r"weights file not found: .*missing\.pth#teacher$"):
+        read_state_dict(f"{tmp_path / 'missing.pth'}#teacher")
+    assert split_weights_key(tmp_path / "dir#x" / "w.pth") == (tmp_path / "dir#x" / "w.pth", None)
+    # the key is part of the weights' identity (two keys of one file are different weights)
+    assert weights_digest(p) == sha256_file(p)
+    assert weights_digest(f"{p}#teacher") == sha256_file(p) + "#teacher" != weights_digest(f"{p}#student")
+    # readers of a fixed layout refuse a key by name
+    with pytest.raises(CheckpointError, match=r"#KEY \('teacher'\).*MoCo checkpoints do not take"):
+        read_checkpoint(f"{p}#teacher", fmt="MoCo")
+
+
+def test_hash_in_an_existing_file_name_is_not_a_key(tmp_path: Path) -> None:
+    p = tmp_path / "run#3.pth"
+    torch.save({"w": torch.ones(2)}, p)
+    assert split_weights_key(p) == (p, None)
+    assert list(read_state_dict(p)) == ["w"] and list(read_checkpoint(p)) == ["w"]
+    assert weights_digest(p) == sha256_file(p)
+    nested = tmp_path / "a#b.pth"
+    torch.save({"model": {"w": torch.ones(1)}}, nested)
+    assert list(read_state_dict(f"{nested}#model")) == ["w"]  # the last '#' separates the key
+
+
+def test_safetensors_has_no_keys(tmp_path: Path) -> None:
+    p = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(3.0)}, str(p))
+    with pytest.raises(CheckpointError, match="one flat mapping of tensors; it has no key 'state_dict'"):
+        read_state_dict(f"{p}#state_dict")
