@@ -36,7 +36,7 @@ from .utils.linalg import l2_normalize
 from .utils.paths import default_cache_root, safe_name
 from .whitening import postprocess
 
-__all__ = ["run", "check_config", "dataset_features", "WhiteningNote"]
+__all__ = ["DatasetFeatures", "Evaluation", "WhiteningNote", "check_config", "dataset_features", "evaluate_features", "extract_features", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -230,37 +230,45 @@ def _labels(cfg: RunConfig, backbones: list[Backbone], ds: RetrievalDataset) -> 
     }
 
 
-def run(
-    config: RunConfig | None = None,
+@dataclass
+class DatasetFeatures:
+    """Descriptors of a dataset, ready for post-processing and search.
+
+    Attributes:
+        database: ``(N, D)`` float32 (un-normalised for one model; L2-normalised parts
+            concatenated for an ensemble), in the dataset's image order.
+        queries: ``(Q, D)`` float32, in ground-truth order.
+        train: ``(n, D)`` descriptors of the whitening source, or None (whitening learned on the
+            database).
+        dataset: the dataset (ids, ground truth, protocol).
+        backbones: the models used (their labels and weights ids go into the rows).
+        image_sizes: the image size used per model.
+        info: extraction timings and cache hits.
+    """
+
+    database: np.ndarray
+    queries: np.ndarray
+    train: np.ndarray | None
+    dataset: RetrievalDataset
+    backbones: list[Backbone]
+    image_sizes: list[int]
+    info: dict[str, Any]
+
+
+def extract_features(
+    cfg: RunConfig,
     *,
-    results_dir: str | Path | None = "results",
     progress: bool = False,
     backbones: dict[tuple[str, str | None], Backbone] | None = None,
-    postprocess_fn: Callable[..., tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
-    **overrides: Any,
-) -> RunResult:
-    """Run one benchmark and return its metrics.
-
-    ``rb.run(model="efficientnet_lite0", dataset="demo", pooling="rmac", whiten=None)`` is the
-    same as ``retrbench run --model ... --dataset ...``. Keyword overrides replace fields of
-    ``config`` (default :class:`RunConfig`). Tidy rows are appended to
-    ``<results_dir>/results.jsonl`` (default ``results/``, as the CLI; ``None`` skips);
-    the folder is checked before any work.
+    plan: _Plan | None = None,
+) -> DatasetFeatures:
+    """Load ``cfg``'s dataset and extract (or read from the cache) every descriptor a run needs:
+    database, queries and, when ``cfg`` whitens on another dataset, that dataset's database.
 
     A model spec ``a+b`` is an ensemble: each model's descriptors are L2-normalised and
-    concatenated, then post-processed together (PCA-whitening reduces the concatenation, as
-    the paper does). ``backbones`` is an optional memo of built models, shared across calls
-    (sweeps use it so that a model is loaded once). ``postprocess_fn`` replaces
-    :func:`~retrbench.whitening.postprocess` (sweeps pass a memo that fits each PCA once).
-
-    A whitening dimension capped to what the training set allows is reported with a
-    :class:`WhiteningNote` warning (and logged), so notebooks see it too.
+    concatenated. ``backbones`` is an optional memo of built models, shared across calls.
     """
-    cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
-    plan = check_config(cfg)
-    if results_dir is not None:
-        check_results_dir(results_dir)
-    t_start = time.perf_counter()
+    plan = plan or check_config(cfg)
     options = dict(cfg.dataset_options)
     allow_missing = bool(options.pop("allow_missing", False)) or cfg.allow_missing
     ds = load_dataset(cfg.dataset, cfg.data_root, allow_missing, **options)
@@ -300,59 +308,140 @@ def run(
         db = np.hstack([l2_normalize(x) for x in parts_db])
         q = np.hstack([l2_normalize(x) for x in parts_q])
         train = np.hstack([l2_normalize(x) for x in parts_train]) if parts_train else None
+    return DatasetFeatures(db, q, train, ds, built, sizes, info)
 
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_features` computes from descriptors.
+
+    Attributes:
+        result: the final ranking, ``(Q, K)`` scores and database indices, best first.
+        metrics: the protocol's metrics.
+        query_ap: per split, ``(Q,)`` AP of each query (fractions; NaN without positives).
+        whitening: dimension used, cap and note (see :func:`~retrbench.whitening.postprocess`).
+        rerank_notes: clamps of rerank parameters to the database size.
+        timings: seconds of post-processing, search and reranking.
+    """
+
+    result: Any
+    metrics: list[Any]
+    query_ap: dict[str, np.ndarray]
+    whitening: dict[str, Any]
+    rerank_notes: list[str]
+    timings: dict[str, float]
+
+
+def evaluate_features(
+    database: np.ndarray,
+    queries: np.ndarray,
+    gnd: Any,
+    protocol: str,
+    *,
+    whiten: int | None = None,
+    train: np.ndarray | None = None,
+    rerank: str | Any = "none",
+    topk: int | None = None,
+    postprocess_fn: Callable[..., tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
+    label: str = "",
+) -> Evaluation:
+    """L2 -> (PCA-whitening -> L2) -> exact search -> rerank -> metrics, on descriptors from any
+    source: ``database`` ``(N, D)`` and ``queries`` ``(Q, D)`` with the ground truth ``gnd``
+    (``Q`` per-query dicts) of ``protocol``. ``run`` calls exactly this after extraction.
+
+    ``whiten`` learns PCA-whitening on ``train`` (default: the database); ``rerank`` is a
+    rerank spec; ``topk`` truncates the ranking (default: the protocol's rule). A capped
+    whitening dimension is warned (:class:`WhiteningNote`) and logged, prefixed by ``label``.
+    """
+    reranker = build_reranker(rerank)
+    PROTOCOLS.get(protocol)
+    n = int(np.shape(database)[0])
     t0 = time.perf_counter()
-    dbw, qw, winfo = (postprocess_fn or postprocess)(db, q, cfg.whiten, train)
+    dbw, qw, winfo = (postprocess_fn or postprocess)(database, queries, whiten, train)
     t_post = time.perf_counter() - t0
     if winfo.get("note"):
-        log.warning("%s on %s: %s", cfg.model, cfg.dataset, winfo["note"])
-        warnings.warn(f"{cfg.model} on {cfg.dataset}: {winfo['note']}", WhiteningNote, stacklevel=2)
+        log.warning("%s%s", f"{label}: " if label else "", winfo["note"])
+        warnings.warn(f"{label}: {winfo['note']}" if label else winfo["note"], WhiteningNote, stacklevel=3)
 
     t0 = time.perf_counter()
-    result = search(qw, dbw, k=_ranking_length(dbw.shape[0], ds.protocol, cfg.topk))
+    result = search(qw, dbw, k=_ranking_length(dbw.shape[0], protocol, topk))
     t_search = time.perf_counter() - t0
-    rerank_notes = clamp_notes(cfg.rerank, dbw.shape[0])
-    for note in rerank_notes:
-        log.warning("%s on %s: %s", cfg.model, cfg.dataset, note)
+    notes = clamp_notes(rerank, dbw.shape[0])
+    for note in notes:
+        log.warning("%s%s", f"{label}: " if label else "", note)
     t0 = time.perf_counter()
-    result = plan.reranker(RankState(qw, dbw, result)).result
+    result = reranker(RankState(qw, dbw, result)).result
     t_rerank = time.perf_counter() - t0
+    metrics = evaluate(result.indices, gnd, protocol, n_database=n)
+    query_ap = per_query_ap(result.indices, gnd, protocol, n_database=n)
+    return Evaluation(result, metrics, query_ap, winfo, notes, {"postprocess_s": t_post, "search_s": t_search, "rerank_s": t_rerank})
 
-    metrics = evaluate(result.indices, ds.gnd, ds.protocol, n_database=len(ds.images))
+
+def run(
+    config: RunConfig | None = None,
+    *,
+    results_dir: str | Path | None = "results",
+    progress: bool = False,
+    backbones: dict[tuple[str, str | None], Backbone] | None = None,
+    postprocess_fn: Callable[..., tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
+    **overrides: Any,
+) -> RunResult:
+    """Run one benchmark and return its metrics: :func:`extract_features`, then
+    :func:`evaluate_features`, then tidy rows.
+
+    ``rb.run(model="efficientnet_lite0", dataset="demo", pooling="rmac", whiten=None)`` is the
+    same as ``retrbench run --model ... --dataset ...``. Keyword overrides replace fields of
+    ``config`` (default :class:`RunConfig`). Tidy rows are appended to
+    ``<results_dir>/results.jsonl`` (default ``results/``, as the CLI; ``None`` skips);
+    the folder is checked before any work.
+
+    A model spec ``a+b`` is an ensemble: each model's descriptors are L2-normalised and
+    concatenated, then post-processed together (PCA-whitening reduces the concatenation, as
+    the paper does). ``backbones`` is an optional memo of built models, shared across calls
+    (sweeps use it so that a model is loaded once). ``postprocess_fn`` replaces
+    :func:`~retrbench.whitening.postprocess` (sweeps pass a memo that fits each PCA once).
+
+    A whitening dimension capped to what the training set allows is reported with a
+    :class:`WhiteningNote` warning (and logged), so notebooks see it too.
+    """
+    cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
+    plan = check_config(cfg)
+    if results_dir is not None:
+        check_results_dir(results_dir)
+    t_start = time.perf_counter()
+    feats = extract_features(cfg, progress=progress, backbones=backbones, plan=plan)
+    ds = feats.dataset
+    ev = evaluate_features(
+        feats.database,
+        feats.queries,
+        ds.gnd,
+        ds.protocol,
+        whiten=cfg.whiten,
+        train=feats.train,
+        rerank=cfg.rerank,
+        topk=cfg.topk,
+        postprocess_fn=postprocess_fn,
+        label=f"{cfg.model} on {cfg.dataset}",
+    )
     database_ids, query_ids = _image_ids(ds)
     provenance = {
         "config_id": config_id(cfg),
-        **_labels(cfg, built, ds),
-        "weights_sha256": "+".join(b.weights_id for b in built),
-        "image_size_used": sizes[0] if len(set(sizes)) == 1 else "+".join(map(str, sizes)),
+        **_labels(cfg, feats.backbones, ds),
+        "weights_sha256": "+".join(b.weights_id for b in feats.backbones),
+        "image_size_used": feats.image_sizes[0] if len(set(feats.image_sizes)) == 1 else "+".join(map(str, feats.image_sizes)),
         "exif_orientation": ds.exif_orientation if cfg.exif is None else cfg.exif,
-        "dim": int(dbw.shape[1]),
+        "dim": int(ev.whitening["dim"]),
         "n_database": len(ds.images),
         "n_queries": len(ds.queries),
-        "ranking_length": int(result.k),
-        "whitening": winfo,
-        "rerank_notes": rerank_notes,
+        "ranking_length": int(ev.result.k),
+        "whitening": ev.whitening,
+        "rerank_notes": ev.rerank_notes,
         "dataset_notes": dict(ds.notes),
         "retrbench_version": __version__,
     }
-    rows = tidy_rows(cfg, metrics, protocol=ds.protocol, provenance=provenance)
-    info.update(
-        postprocess_s=t_post,
-        search_s=t_search,
-        rerank_s=t_rerank,
-        total_s=time.perf_counter() - t_start,
-        whitening=winfo,
-        dataset_notes=dict(ds.notes),
-    )
+    rows = tidy_rows(cfg, ev.metrics, protocol=ds.protocol, provenance=provenance)
+    info = dict(feats.info)
+    info.update(ev.timings, total_s=time.perf_counter() - t_start, whitening=ev.whitening, dataset_notes=dict(ds.notes))
     if results_dir is not None:
         info["results_file"] = str(append_results(rows, results_dir))
-    return RunResult(
-        cfg,
-        rows,
-        info,
-        result,
-        query_ids=tuple(query_ids),
-        database_ids=tuple(database_ids),
-        query_ap=per_query_ap(result.indices, ds.gnd, ds.protocol, n_database=len(ds.images)),
-    )
-
+    return RunResult(cfg, rows, info, ev.result, query_ids=tuple(query_ids), database_ids=tuple(database_ids), query_ap=ev.query_ap)

@@ -65,7 +65,7 @@ def command(
 
 
 def _load_commands() -> None:
-    from . import download, listing, report, run, train  # noqa: F401  (register commands)
+    from . import download, features, listing, report, run, train  # noqa: F401  (register commands)
 
 
 def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
