@@ -19,6 +19,7 @@ from ._version import __version__
 _EXPORTS: dict[str, str] = {
     "BACKBONES": "retrbench.backbones",
     "DATASETS": "retrbench.datasets",
+    "Descriptors": "retrbench.descriptors",
     "POOLINGS": "retrbench.pooling",
     "PROTOCOLS": "retrbench.evaluation",
     "RERANKERS": "retrbench.rerank",
@@ -33,7 +34,11 @@ _EXPORTS: dict[str, str] = {
     "SearchResult": "retrbench.types",
     "Step": "retrbench.specs",
     "evaluate": "retrbench.evaluation",
+    "evaluate_descriptors": "retrbench.exchange",
+    "evaluate_features": "retrbench.pipeline",
+    "extract": "retrbench.exchange",
     "load_dataset": "retrbench.datasets",
+    "load_descriptors": "retrbench.descriptors",
     "load_experiment": "retrbench.experiments",
     "load_results": "retrbench.results",
     "paper_table": "retrbench.reporting",
@@ -47,6 +52,7 @@ __all__ = [
     "__version__",
     "BACKBONES",
     "DATASETS",
+    "Descriptors",
     "Features",
     "Metric",
     "ModelRef",
@@ -61,7 +67,11 @@ __all__ = [
     "SearchResult",
     "Step",
     "evaluate",
+    "evaluate_descriptors",
+    "evaluate_features",
+    "extract",
     "load_dataset",
+    "load_descriptors",
     "load_experiment",
     "load_results",
     "paper_table",
@@ -89,9 +99,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backbones import BACKBONES
     from .config import RunConfig
     from .datasets import DATASETS, load_dataset
+    from .descriptors import Descriptors, load_descriptors
     from .evaluation import PROTOCOLS, evaluate
+    from .exchange import evaluate_descriptors, extract
     from .experiments import load_experiment, sweep
-    from .pipeline import run
+    from .pipeline import evaluate_features, run
     from .pooling import POOLINGS
     from .reporting import paper_table, plot, table
     from .rerank import RERANKERS

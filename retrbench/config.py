@@ -23,7 +23,45 @@ from .utils.io import stable_hash
 # configuration does not import Pillow and torch.
 DEFAULT_MAX_PIXELS = 178_956_970
 
-__all__ = ["DEFAULT_MAX_PIXELS", "RunConfig", "check_keys", "config_id", "field_help", "stable_hash"]
+__all__ = ["DEFAULT_MAX_PIXELS", "RunConfig", "parse_hw", "check_keys", "config_id", "field_help", "stable_hash"]
+
+
+def parse_hw(text: str | tuple[int, int], what: str) -> tuple[int, int]:
+    """``"384x512"`` (or ``(384, 512)``) -> ``(384, 512)``: height, width, positive integers."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        h, w = text
+    else:
+        parts = str(text).lower().replace(" ", "").split("x")
+        if len(parts) != 2:
+            raise ValueError(f"{what}: expected HxW (e.g. 384x512), got {text!r}")
+        try:
+            h, w = int(parts[0]), int(parts[1])
+        except ValueError:
+            raise ValueError(f"{what}: expected HxW with integers (e.g. 384x512), got {text!r}") from None
+    if int(h) < 1 or int(w) < 1:
+        raise ValueError(f"{what}: height and width must be positive, got {text!r}")
+    return int(h), int(w)
+
+
+def _canonical_resize(text: str) -> str:
+    mode, _, arg = str(text).strip().lower().partition(":")
+    if mode == "fixed":
+        h, w = parse_hw(arg, "resize fixed:HxW")
+        return f"fixed:{h}x{w}"
+    if arg or mode not in ("longer", "cirtorch"):
+        raise ValueError(f"resize must be 'cirtorch', 'longer' or 'fixed:HxW', got {text!r}")
+    return mode
+
+
+def _parse_scales(value: object) -> tuple[float, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (tuple, list)) else [value]
+    try:
+        scales = tuple(float(v) for v in items if str(v).strip())
+    except (TypeError, ValueError):
+        raise ValueError(f"scales: expected positive numbers such as 1,0.7071,0.5, got {value!r}") from None
+    if not scales or any(not (s > 0) or s == float("inf") for s in scales):
+        raise ValueError(f"scales: expected positive numbers such as 1,0.7071,0.5, got {value!r}")
+    return scales
 
 
 def check_keys(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
@@ -50,10 +88,23 @@ class RunConfig:
             for an ensemble).
         dataset: dataset registry name (``retrbench datasets``).
         data_root: where datasets live (default ``$RETRBENCH_DATA``).
-        image_size: longer image side in pixels; None uses the model's default.
-        query_resize: ``crop`` crops the query box and then resizes the crop so its longer side
-            is ``image_size`` (cirtorch convention); ``full`` resizes the full query image as a
-            database image would be and then crops the box (same scale as the database).
+        image_size: image size in pixels (the longer side, or cirtorch's thumbnail size); None
+            uses the dataset's (1024 unless the dataset says otherwise; never the model's).
+        resize: how images become inputs: ``cirtorch`` (exactly cirtorch's ImagesFromList:
+            thumbnails that never enlarge, query crops kept at the database's scale), ``longer``
+            (longer side = image_size, up or down; queries by query_resize) or ``fixed:HxW``
+            (every image and query crop to one resolution, as the ICMR 2021 paper); None uses
+            the dataset's default (cirtorch for rOxford / rParis / Oxford / Paris / INSTRE).
+        query_resize: with resize=longer: ``crop`` crops the query box and then resizes the crop
+            so its longer side is image_size (small boxes are enlarged); ``full`` resizes the
+            full query image as a database image and then crops the box (database scale).
+        scales: image scales whose descriptors are combined (e.g. 1, 0.7071, 0.5 as cirtorch
+            and most rOxford / rParis papers); (1,) is single-scale.
+        scale_mean: how multi-scale descriptors are combined: ``gem`` (cirtorch's extract_ms:
+            power mean with the GeM exponent for GeM pooling, 1 otherwise) or ``arithmetic``
+            (InsCLR's test-time mean of the L2-normalised per-scale descriptors).
+        feature_map_size: ``HxW``: resample every feature map to this size before pooling (the
+            paper's AMDIM treatment): area averaging when shrinking, bilinear when enlarging.
         pooling: pooling :class:`~retrbench.specs.Step` (a string such as ``gem``, ``gem:p=4``,
             ``rmac:levels=3`` or ``native`` is parsed on construction).
         whiten: PCA-whitening output dimension; None (the default) keeps the L2-normalised
@@ -87,7 +138,11 @@ class RunConfig:
     dataset: str = "demo"
     data_root: str | None = None
     image_size: int | None = None
+    resize: str | None = None
     query_resize: str = "crop"
+    scales: tuple[float, ...] = (1.0,)
+    scale_mean: str = "gem"
+    feature_map_size: str | None = None
     pooling: Step = Step("gem")
     whiten: int | None = None
     whiten_source: str | None = None
@@ -108,6 +163,13 @@ class RunConfig:
         models = parse_models(self.model, self.weights)
         object.__setattr__(self, "model", "+".join(m.name for m in models))
         object.__setattr__(self, "_models", models)
+        object.__setattr__(self, "scales", _parse_scales(self.scales))
+        if self.scale_mean not in ("gem", "arithmetic"):
+            raise ValueError(f"scale_mean must be 'gem' or 'arithmetic', got {self.scale_mean!r}")
+        if self.resize is not None:
+            object.__setattr__(self, "resize", _canonical_resize(self.resize))
+        if self.feature_map_size is not None:
+            object.__setattr__(self, "feature_map_size", "x".join(map(str, parse_hw(self.feature_map_size, "feature_map_size"))))
         if self.query_resize not in ("crop", "full"):
             raise ValueError(f"query_resize must be 'crop' or 'full', got {self.query_resize!r}")
         if self.image_size is not None and self.image_size < 16:
@@ -135,6 +197,7 @@ class RunConfig:
         d["pooling"] = str(self.pooling)
         d["rerank"] = str(self.rerank)
         d["dataset_options"] = [list(kv) for kv in self.dataset_options]
+        d["scales"] = list(self.scales)
         return d
 
     @classmethod

@@ -44,7 +44,7 @@ from .utils.device import resolve_device
 from .utils.images import ImageSpec, load_image, target_size
 from .utils.io import atomic_save_npy, atomic_write_text
 
-__all__ = ["CACHE_FORMAT", "ImageSpec", "target_size", "load_image", "extract", "FeatureCache", "resolve_device", "plan_batches"]
+__all__ = ["CACHE_FORMAT", "ImageSpec", "target_size", "load_image", "describe", "extract", "FeatureCache", "resolve_device", "plan_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,39 @@ class FeatureCache:
 # ---------------------------------------------------------------------------------- extract
 
 
+def describe(
+    net: torch.nn.Module,
+    pool: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    scales: Sequence[float] = (1.0,),
+    power: float = 1.0,
+) -> torch.Tensor:
+    """Descriptors of a normalised batch ``(B, 3, H, W) -> (B, C)``.
+
+    One scale ``(1,)``: ``pool(net(x))`` as pooled (not normalised). Several: cirtorch's
+    ``extract_ms``: for each scale ``s`` the input is resized by bilinear ``interpolate``
+    (``scale_factor=s``, ``align_corners=False``; ``s == 1`` uses the input as is), the pooled
+    descriptor is L2-normalised (cirtorch's network ends with ``L2N``), raised to ``power``;
+    the mean over scales is raised to ``1 / power`` and divided by its norm. ``power`` is the GeM
+    exponent for GeM in cirtorch and 1 otherwise; ``power=1`` is also InsCLR's arithmetic mean
+    (``extract_fn.py``: mean of the normalised per-scale descriptors, then L2).
+    """
+    if len(scales) == 1 and scales[0] == 1:
+        return pool(net(x))
+    acc: torch.Tensor | None = None
+    for s in scales:
+        xs = x if s == 1 else torch.nn.functional.interpolate(x, scale_factor=float(s), mode="bilinear", align_corners=False)
+        v = pool(net(xs.contiguous(memory_format=torch.channels_last))).float()  # (B, C)
+        v = v / (torch.linalg.vector_norm(v, dim=1, keepdim=True) + 1e-6)  # cirtorch's L2N (eps 1e-6)
+        v = v.pow(power) if power != 1 else v
+        acc = v if acc is None else acc + v
+    assert acc is not None
+    acc = acc / len(scales)
+    if power != 1:
+        acc = acc.pow(1.0 / power)
+    return acc / torch.linalg.vector_norm(acc, dim=1, keepdim=True)
+
+
 def _warn_no_cache(cache: FeatureCache, e: BaseException) -> None:
     msg = f"cannot write the feature cache {cache.dir} ({e}); extracting without caching"
     log.warning("%s", msg)
@@ -258,6 +291,8 @@ def _run_batches(
     flush_seconds: float,
     desc: str,
     bar: Any,
+    scales: Sequence[float] = (1.0,),
+    power: float = 1.0,
 ) -> None:
     """Run ``batches`` (``(number, indices)``) and write each row of ``out(dim)``."""
     loader = torch.utils.data.DataLoader(
@@ -275,7 +310,7 @@ def _run_batches(
             raise err
         x = x.to(device, non_blocking=True).float().div_(255.0)
         x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
-        v = pool(net(x)).float().cpu().numpy()  # (B, C)
+        v = describe(net, pool, x, scales, power).float().cpu().numpy()  # (B, C)
         bad = ~np.isfinite(v).all(axis=1)
         if bad.any():
             names = [str(specs[i].path) for i in np.asarray(idx)[bad][:3]]
@@ -307,8 +342,12 @@ def extract(
     flush_seconds: float = FLUSH_SECONDS,
     progress: bool = False,
     desc: str = "extract",
+    scales: Sequence[float] = (1.0,),
+    scale_power: float = 1.0,
 ) -> np.ndarray:
     """Pooled descriptors of ``specs``: ``(N, C)`` float32, row ``i`` for ``specs[i]``.
+
+    ``scales`` / ``scale_power``: multi-scale extraction, see :func:`describe`.
 
     ``backbone`` maps a normalised ``(B, 3, H, W)`` batch to ``(B, C, h, w)``; ``pool`` maps
     that to ``(B, C)``. With a ``cache``, a finished set is returned memory-mapped without
@@ -335,7 +374,9 @@ def extract(
         _warn_no_cache(cache, e)  # type: ignore[arg-type]
         cache, ctx = None, contextlib.nullcontext()
     try:
-        return _extract_locked(backbone, pool, specs, stats, mean, std, device, batch_size, workers, cache, flush_seconds, progress, desc)
+        return _extract_locked(
+            backbone, pool, specs, stats, mean, std, device, batch_size, workers, cache, flush_seconds, progress, desc, tuple(scales), scale_power
+        )
     finally:
         ctx.__exit__(None, None, None)
 
@@ -354,6 +395,8 @@ def _extract_locked(
     flush_seconds: float,
     progress: bool,
     desc: str,
+    scales: tuple[float, ...] = (1.0,),
+    power: float = 1.0,
 ) -> np.ndarray:
     n = len(specs)
     stale: np.ndarray | None = None
@@ -427,7 +470,7 @@ def _extract_locked(
         with tqdm(total=n, initial=n - sum(len(i) for _, i in todo), desc=desc, unit="img", disable=not progress, leave=False) as bar:
             _run_batches(
                 net, pool, specs, todo, mean=mean_t, std=std_t, device=dev, workers=min(workers, os.cpu_count() or 1),
-                out=out, on_flush=flush, flush_seconds=flush_seconds, desc=desc, bar=bar,
+                out=out, on_flush=flush, flush_seconds=flush_seconds, desc=desc, bar=bar, scales=scales, power=power,
             )  # fmt: skip
     assert arr is not None
     if cache is not None:

@@ -21,10 +21,11 @@ import torch
 
 from ._version import __version__
 from .backbones import BACKBONES, Backbone
-from .config import DEFAULT_MAX_PIXELS, RunConfig, config_id
-from .datasets import DATASETS, dataset_label, default_image_size, load_dataset
+from .config import DEFAULT_MAX_PIXELS, RunConfig, config_id, parse_hw
+from .datasets import DATASETS, dataset_label, default_image_size, default_resize, load_dataset
 from .evaluation import PROTOCOLS, evaluate, per_query_ap
-from .extraction import CACHE_FORMAT, FeatureCache, ImageSpec, extract
+from .extraction import CACHE_FORMAT, FeatureCache, ImageSpec
+from .extraction import extract as extract_set
 from .pooling import POOLINGS, Pooling, parse_pooling, pooling_label
 from .rerank import RankState, build_reranker, clamp_notes, pipeline_label
 from .results import RunResult, append_results, check_results_dir, tidy_rows
@@ -64,6 +65,26 @@ class _NativeDescriptor(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.native(x)[:, :, None, None]
+
+
+class _ResampleMap(torch.nn.Module):
+    """A network whose ``(B, C, h, w)`` map is resampled to ``size = (H, W)``: area averaging
+    (adaptive average pooling) when shrinking, so every activation counts and SPoC is unchanged;
+    bilinear (``align_corners=False``) when enlarging. The paper brings AMDIM's larger map to the
+    common map size this way before pooling."""
+
+    def __init__(self, net: torch.nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.net = net
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.net(x)
+        if tuple(m.shape[-2:]) == self.size:
+            return m
+        if m.shape[-2] >= self.size[0] and m.shape[-1] >= self.size[1]:
+            return torch.nn.functional.adaptive_avg_pool2d(m, self.size)
+        return torch.nn.functional.interpolate(m, size=self.size, mode="bilinear", align_corners=False)
 
 
 def _feature_stage(backbone: Backbone, pool: Pooling) -> torch.nn.Module:
@@ -112,6 +133,10 @@ def dataset_features(
     pooling: str | Step | Pooling,
     image_size: int,
     query_resize: str = "crop",
+    resize: str = "longer",
+    scales: tuple[float, ...] = (1.0,),
+    scale_mean: str = "gem",
+    feature_map_size: str | None = None,
     batch_size: int = 8,
     device: str = "auto",
     workers: int = 2,
@@ -127,10 +152,16 @@ def dataset_features(
     model, weights checksum, image size, pooling, BatchNorm re-calibration, dataset and the
     exact image / box lists. With ``bn_recalibrate=N`` a copy of the backbone re-estimates
     its BatchNorm statistics on N database images first (seeded sample; only when something
-    has to be extracted). ``exif`` None follows the dataset's ``exif_orientation``.
+    has to be extracted). ``exif`` None follows the dataset's ``exif_orientation``; ``resize``
+    is a mode of :mod:`retrbench.utils.images` (``fixed:HxW`` for fixed); ``scales`` /
+    ``scale_mean``: multi-scale extraction (:func:`retrbench.extraction.describe`).
     """
     exif = ds.exif_orientation if exif is None else bool(exif)
     pool = pooling if isinstance(pooling, Pooling) else parse_pooling(pooling)
+    mode, _, fixed_text = resize.partition(":")
+    fixed = parse_hw(fixed_text, "resize") if mode == "fixed" else None
+    power = float(pool.params.get("p", 1.0)) if (scale_mean == "gem" and pool.name == "gem") else 1.0
+    image = dict(exif=exif, max_pixels=max_pixels, resize=mode, fixed=fixed)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / "features"
     common: dict[str, Any] = {
         "format": CACHE_FORMAT,
@@ -144,17 +175,23 @@ def dataset_features(
         "root": str(Path(ds.root).resolve()),
         "exif": exif,
     }
+    if resize != "longer":
+        common["resize"] = resize
+    if tuple(scales) != (1.0,):
+        common["scales"] = {"scales": list(scales), "power": power}
+    if feature_map_size:
+        common["feature_map_size"] = feature_map_size
     if bn_recalibrate:
         common["bn_recalibrate"] = {"n": int(bn_recalibrate), "seed": BN_SEED}
     root = Path(ds.root)
-    db_specs = [ImageSpec(root / p, None, image_size, exif=exif, max_pixels=max_pixels) for p in ds.images]
+    db_specs = [ImageSpec(root / p, None, image_size, **image) for p in ds.images]
     # A whole-image query that is also a database image (UKBench, COIL-20, folder datasets)
     # has exactly the database descriptor: reuse that row instead of extracting it again.
     db_row = {p: i for i, p in enumerate(ds.images)}
     reuse = {j: db_row[q.image] for j, q in enumerate(ds.queries) if q.bbox is None and q.image in db_row}
     todo = [j for j in range(len(ds.queries)) if j not in reuse]
     q_specs = [
-        ImageSpec(root / ds.queries[j].image, ds.queries[j].bbox, image_size, query_resize, exif=exif, max_pixels=max_pixels)
+        ImageSpec(root / ds.queries[j].image, ds.queries[j].bbox, image_size, query_resize, **image)
         for j in todo
     ]
     folder = cache_dir / safe_name(ds.name) / safe_name(backbone.name)
@@ -164,7 +201,7 @@ def dataset_features(
         ("queries", q_specs, [(ds.queries[j].image, ds.queries[j].bbox) for j in todo]),
     ):
         meta = {**common, "role": role, "items": stable_hash(items, 32)}
-        if role == "queries":
+        if role == "queries" and mode == "longer":
             meta["query_resize"] = query_resize
         jobs.append((role, specs, FeatureCache(folder, f"{role}-{stable_hash(meta, 24)}", meta)))
 
@@ -178,6 +215,10 @@ def dataset_features(
         recalibrate_on_images(backbone, recal, backbone.info.mean, backbone.info.std, batch_size, device, workers=workers)
         info["bn_recalibrate_s"] = time.perf_counter() - t0
     net = _feature_stage(backbone, pool)
+    if feature_map_size:
+        if POOLINGS.get(pool.name).info.native:
+            raise ValueError("feature_map_size resamples feature maps; the native pooling has none")
+        net = _ResampleMap(net, parse_hw(feature_map_size, "feature_map_size"))
 
     out = []
     for role, specs, cache in jobs:
@@ -187,7 +228,7 @@ def dataset_features(
             continue
         hit = cache.complete
         t0 = time.perf_counter()
-        feats = extract(
+        feats = extract_set(
             net,
             pool,
             specs,
@@ -199,6 +240,8 @@ def dataset_features(
             cache=cache,
             progress=progress,
             desc=f"{backbone.name} on {ds.name} {role}",
+            scales=scales,
+            scale_power=power,
         )
         info["extract_s"] += time.perf_counter() - t0
         info["cache_hits"] += int(hit)
@@ -278,11 +321,15 @@ def extract_features(
     info: dict[str, Any] = {"extract_s": 0.0, "cache_hits": 0}
     for ref in cfg.models:
         backbone = _build_backbone(ref, memo)
-        size = cfg.image_size or default_image_size(cfg.dataset) or backbone.info.default_size
+        size = cfg.image_size or default_image_size(cfg.dataset)
         feat_kw = dict(
             pooling=plan.pooling,
             image_size=size,
             query_resize=cfg.query_resize,
+            resize=cfg.resize or default_resize(cfg.dataset),
+            scales=cfg.scales,
+            scale_mean=cfg.scale_mean,
+            feature_map_size=cfg.feature_map_size,
             batch_size=cfg.batch_size,
             device=cfg.device,
             workers=cfg.workers,
@@ -430,6 +477,7 @@ def run(
         "weights_sha256": "+".join(b.weights_id for b in feats.backbones),
         "image_size_used": feats.image_sizes[0] if len(set(feats.image_sizes)) == 1 else "+".join(map(str, feats.image_sizes)),
         "exif_orientation": ds.exif_orientation if cfg.exif is None else cfg.exif,
+        "resize_used": cfg.resize or default_resize(cfg.dataset),
         "dim": int(ev.whitening["dim"]),
         "n_database": len(ds.images),
         "n_queries": len(ds.queries),

@@ -70,17 +70,21 @@ def test_two_folders_with_the_same_names_never_share_descriptors(tmp_path, capsy
     assert _map(b) == _map(_run(tmp_path / "y" / "photos", capsys=capsys)) != _map(a)
 
 
-def test_an_image_edited_in_place_is_extracted_again(tmp_path, capsys, monkeypatch):
+def test_an_image_edited_in_place_is_extracted_again(tmp_path, monkeypatch):
+    import retrbench as rb
+
     monkeypatch.setenv("RETRBENCH_CACHE", str(tmp_path / "cache"))
-    folder = _photos(tmp_path / "photos", seed=0)
-    before = _run(folder, capsys=capsys)
-    again = _run(folder, capsys=capsys)
-    assert again["info"]["cache_hits"] == 2 and _map(again) == _map(before)
-    # replace a positive by its query's twin photo: the pair becomes an exact duplicate
-    (folder / "o0_v1.png").write_bytes((folder / "o0_v0.png").read_bytes())
-    after = _run(folder, capsys=capsys)
+    folder = _photos(tmp_path / "photos", seed=0, n=6)
+    kw = dict(model="random", dataset=f"folder:{folder}", workers=0, results_dir=None)
+    before = rb.run(**kw).per_query.set_index("image")["AP"]
+    assert rb.run(**kw).info["cache_hits"] == 2
+    query = before[before < 100].index[0]  # a query whose positive is not ranked first
+    positive = query.replace("_v0", "_v1")
+    (folder / positive).write_bytes((folder / query).read_bytes())  # edited in place: now its twin
+    after = rb.run(**kw).per_query.set_index("image")["AP"]
+    assert after[query] == 100.0  # the new content was extracted, not the cached one
     monkeypatch.setenv("RETRBENCH_CACHE", str(tmp_path / "fresh-cache"))
-    assert _map(after) == _map(_run(folder, capsys=capsys)) != _map(before)
+    assert after.equals(rb.run(**kw).per_query.set_index("image")["AP"])
 
 
 def test_nan_weights_are_an_error_naming_model_and_images_and_nothing_is_cached(tmp_path, capsys, monkeypatch):

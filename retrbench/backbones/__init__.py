@@ -10,8 +10,25 @@ Adding a backbone: one module that registers its factory with a :class:`Backbone
 import line below; ``tests/backbones/test_registry.py`` then builds and runs it.
 """
 
-from . import amdim, baseline, cirtorch, efficientnet, external, gem_ap, insclr, moco, resnet, simclr  # noqa: F401
+from . import (  # noqa: F401
+    amdim,
+    baseline,
+    cirtorch,
+    clip,
+    dino,
+    dinov2,
+    efficientnet,
+    external,
+    gem_ap,
+    insclr,
+    moco,
+    mocov3,
+    openclip,
+    resnet,
+    simclr,
+)
 from .base import BACKBONES, Backbone, BackboneInfo, local_weights
 from .native import NativeBackbone
+from .vit import TokenBackbone
 
-__all__ = ["BACKBONES", "Backbone", "BackboneInfo", "NativeBackbone", "local_weights"]
+__all__ = ["BACKBONES", "Backbone", "BackboneInfo", "NativeBackbone", "TokenBackbone", "local_weights"]

@@ -30,6 +30,8 @@ __all__ = [
     "BACKBONES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "INPUT_ANY",
+    "INPUT_RESIZE_TO_PATCHES",
     "Backbone",
     "BackboneInfo",
     "finish",
@@ -43,6 +45,12 @@ T = TypeVar("T")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+INPUT_ANY = "any"
+"""``BackboneInfo.input_rule`` of networks that take every input size as it is (convolutional)."""
+INPUT_RESIZE_TO_PATCHES = "resize-to-patch-multiple"
+"""``BackboneInfo.input_rule`` of token models: the normalised batch is resized bilinearly so that each
+side is the nearest multiple of the patch size (at least one patch); see :mod:`retrbench.backbones.vit`."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,13 @@ class BackboneInfo(EntryInfo):
         feature_size: cells of the feature map along an input side of ``n`` pixels, for maps
             that are not ``ceil(n / stride)`` (unpadded convolutions, fixed-size maps); see
             :meth:`map_side`.
+        patch_size: side of the square patches of a token model (vision transformer), whose
+            map is one cell per patch; None for convolutional networks.
+        input_rule: how an input of any size is fitted to the network, recorded with results:
+            :data:`INPUT_ANY` (taken as it is) or :data:`INPUT_RESIZE_TO_PATCHES` (each side
+            resized to the nearest multiple of ``patch_size``, bilinearly, inside the backbone).
+        native_descriptor: what ``backbone.native(x)`` returns (``--pooling native``), e.g.
+            "class token after the final LayerNorm"; empty when not described here.
     """
 
     channels: int
@@ -83,6 +98,9 @@ class BackboneInfo(EntryInfo):
     card: str = ""
     find_local: Callable[[], Path | None] | None = field(default=None, compare=False, repr=False)
     feature_size: Callable[[int], int] | None = field(default=None, compare=False, repr=False)
+    patch_size: int | None = None
+    input_rule: str = INPUT_ANY
+    native_descriptor: str = ""
 
     def map_side(self, n: int) -> int:
         """Cells of the feature map along an input side of ``n`` pixels (``ceil(n / stride)`` by default)."""

@@ -8,9 +8,17 @@
   the classifier named in the model's ``pretrained_cfg`` may be present or not), else timm's
   own download (fails offline with a message saying what to do), or a seeded random init with
   ``pretrained=False``. Mean / std and default size come from the model's ``pretrained_cfg``;
-  the map is ``forward_features`` (``num_features`` channels, stride from ``feature_info``).
-  Convolutional models only: a model whose ``forward_features`` gives tokens (ViT) is refused
-  at its first forward; ``NHWC`` outputs (``output_fmt``) are permuted to ``NCHW``.
+  the map is ``forward_features`` (``num_features`` channels, stride from ``feature_info``);
+  ``NHWC`` outputs (``output_fmt``) are permuted to ``NCHW``.
+  Token models (timm models with a ``patch_embed`` and ``num_prefix_tokens``: ViT, DeiT, EVA,
+  SigLIP ...) are built with ``dynamic_img_size=True`` (timm's own position-embedding resampling,
+  ``resample_abs_pos_embed``), take inputs by the resize-to-multiple-of-the-patch rule of
+  :mod:`retrbench.backbones.vit`, and give their ``forward_features`` tokens as a map: the
+  ``num_prefix_tokens`` class / register tokens dropped, the rest reshaped to the patch grid.
+  They also have ``native``: timm's ``forward_head(tokens, pre_logits=True)``, the model's pooled
+  embedding (the class token after the final norm for ``global_pool='token'``; SigLIP, which has no
+  class token, its attention-pool head ``attn_pool``; ``avg`` models the mean patch token, with
+  ``fc_norm``). A model whose tokens cannot be laid out so is refused at its first forward.
 * ``hf-hub:ORG/REPO`` (``hf-hub:timm/resnet50.a1_in1k``): a timm model published on the
   Hugging Face Hub, ``timm.create_model("hf-hub:ORG/REPO", num_classes=0)``; everything else
   as for ``timm:``. The architecture comes from the repository's ``config.json``, so even
@@ -56,7 +64,17 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.checkpoint import NESTED_KEYS, read_state_dict, weights_digest
-from .base import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, BackboneInfo, refuse_weights_with_random, seeded
+from .base import (
+    BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INPUT_RESIZE_TO_PATCHES,
+    Backbone,
+    BackboneInfo,
+    refuse_weights_with_random,
+    seeded,
+)
+from .vit import TokenBackbone, fit_to_patches, patch_grid, tokens_to_map
 from .weights import strict_load
 
 __all__ = ["HubFeatures", "TimmFeatures", "build_hf_hub", "build_hub", "build_timm", "parse_hub_spec"]
@@ -78,8 +96,9 @@ def _check_map(y: Tensor, who: str, channels: int | None = None) -> Tensor:
     if y.dim() != 4 or (channels is not None and y.shape[1] != channels):
         want = f"(B, {channels}, H, W)" if channels is not None else "(B, C, H, W)"
         raise ValueError(
-            f"{who}: the feature extractor returned shape {tuple(y.shape)}, not a {want} map; only "
-            f"convolutional models (whose last features are a spatial map) are supported"
+            f"{who}: the feature extractor returned shape {tuple(y.shape)}, not a {want} map; supported are "
+            f"convolutional models (whose last features are a spatial map) and timm token models (a patch_embed "
+            f"and num_prefix_tokens, whose tokens are laid out on the patch grid)"
         )
     return y
 
@@ -98,10 +117,12 @@ def _probe(feats: nn.Module) -> tuple[int, int]:
 
 
 class TimmFeatures(nn.Module):
-    """A timm model (built with ``num_classes=0``) whose ``forward_features`` is checked to be ``(B, C, H, W)``.
+    """A timm model (built with ``num_classes=0``) whose ``forward_features`` is given as ``(B, C, H, W)``.
 
-    ``forward_features(x)``: ``(B, 3, H, W) -> (B, num_features, H/stride, W/stride)``;
-    ``forward(x)``: the model's own pooled embedding ``(B, num_features)``.
+    ``forward_features(x)``: ``(B, 3, H, W) -> (B, num_features, h, w)``: the model's map, or for a
+    token model (``patch`` set) its patch tokens laid out on the patch grid after the input is
+    fitted to the patch size; ``descriptor(x)``: ``(B, num_features)``, timm's pooled pre-logits
+    features; ``forward(x)``: the model's own output.
     """
 
     def __init__(self, model: nn.Module, name: str) -> None:
@@ -110,15 +131,58 @@ class TimmFeatures(nn.Module):
         self.name = name
         self.channels = int(model.num_features)
         self.nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        self.patch = _token_patch(model)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        y = self.model.forward_features(x)
+    def _fit(self, x: Tensor) -> Tensor:
+        return fit_to_patches(x, self.patch) if self.patch is not None else x
+
+    def _map(self, y: Tensor, x: Tensor) -> Tensor:
         if self.nhwc and y.dim() == 4:
             y = y.permute(0, 3, 1, 2)
+        if y.dim() == 3 and self.patch is not None:
+            pe = self.model.patch_embed
+            size = tuple(x.shape[-2:])
+            h, w = pe.dynamic_feat_size(size) if hasattr(pe, "dynamic_feat_size") else (size[0] // self.patch, size[1] // self.patch)
+            try:
+                y = tokens_to_map(y[:, int(self.model.num_prefix_tokens) :], int(h), int(w))
+            except ValueError as e:
+                raise ValueError(f"{self.name}: {e} (after {self.model.num_prefix_tokens} prefix tokens)") from e
         return _check_map(y, self.name, self.channels)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self._fit(x)
+        return self._map(self.model.forward_features(x), x)
+
+    def descriptor(self, x: Tensor) -> Tensor:
+        return self.model.forward_head(self.model.forward_features(self._fit(x)), pre_logits=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
+
+
+def _token_patch(model: nn.Module) -> int | None:
+    """The input multiple of a timm token model (its total reduction, the patch size for a ViT), or None."""
+    pe = getattr(model, "patch_embed", None)
+    if not isinstance(pe, nn.Module) or getattr(model, "num_prefix_tokens", None) is None:
+        return None
+    info = getattr(model, "feature_info", None)
+    if info:
+        return int(info[-1]["reduction"])
+    size = getattr(pe, "patch_size", None)
+    return int(size[0] if isinstance(size, (tuple, list)) else size) if size else None
+
+
+def _create_timm(model_id: str, **kw: Any) -> nn.Module:
+    """``timm.create_model(model_id, dynamic_img_size=True, **kw)``, or without ``dynamic_img_size``
+    for models that do not take it (convolutional ones)."""
+    import timm
+
+    try:
+        return timm.create_model(model_id, dynamic_img_size=True, **kw)
+    except TypeError as e:
+        if "dynamic_img_size" not in str(e):
+            raise
+        return timm.create_model(model_id, **kw)
 
 
 def _timm_classifier_patterns(model: nn.Module) -> tuple[str, ...]:
@@ -141,14 +205,13 @@ def _hf_hub_failure(repo: str, what: str, e: Exception) -> RuntimeError:
 
 def _timm_backbone(model_id: str, name: str, weights: str | Path | None, pretrained: bool) -> Backbone:
     """The backbone of ``timm.create_model(model_id, num_classes=0)`` named ``name`` (also its label)."""
-    import timm
 
     hf_repo = model_id.removeprefix("hf-hub:") if model_id.startswith("hf-hub:") else None
     if not pretrained:
         refuse_weights_with_random(weights)
     if weights is not None or not pretrained:
         try:
-            model = seeded(lambda: timm.create_model(model_id, pretrained=False, num_classes=0))
+            model = seeded(lambda: _create_timm(model_id, pretrained=False, num_classes=0))
         except Exception as e:
             if hf_repo is None:
                 raise
@@ -160,7 +223,7 @@ def _timm_backbone(model_id: str, name: str, weights: str | Path | None, pretrai
             weights_id = "random-init"
     else:
         try:
-            model = timm.create_model(model_id, pretrained=True, num_classes=0)
+            model = _create_timm(model_id, pretrained=True, num_classes=0)
         except Exception as e:
             if hf_repo is not None:
                 raise _hf_hub_failure(hf_repo, "the model's config and weights", e) from e
@@ -181,6 +244,18 @@ def _timm_backbone(model_id: str, name: str, weights: str | Path | None, pretrai
     else:
         stride = _probe(TimmFeatures(model, name))[1]
     source = "timm hf-hub" if hf_repo is not None else "timm"
+    feats = TimmFeatures(model, name)
+    tokens = {}
+    if feats.patch is not None:
+        stride = feats.patch
+        pool = getattr(model, "global_pool", "")
+        tokens = dict(
+            patch_size=feats.patch,
+            input_rule=INPUT_RESIZE_TO_PATCHES,
+            native_descriptor=f"timm forward_head(pre_logits=True) with global_pool={pool!r}"
+            + (" (attention-pool head)" if pool == "map" else " (class token after the final norm)" if pool == "token" else ""),
+            feature_size=lambda n, p=feats.patch: patch_grid(n, p),
+        )
     info = BackboneInfo(
         label=name,
         order=_RESOLVED_ORDER,
@@ -193,13 +268,15 @@ def _timm_backbone(model_id: str, name: str, weights: str | Path | None, pretrai
         weights_source=f"timm {model_id.removeprefix('hf-hub:')}"
         + (f" ({cfg.get('hf_hub_id')})" if cfg.get("hf_hub_id") else ""),
         licence=str(cfg.get("license", "")),
+        **tokens,
     )
-    return Backbone(TimmFeatures(model, name), info, name, weights_id).eval()
+    cls = TokenBackbone if feats.patch is not None else Backbone
+    return cls(feats, info, name, weights_id).eval()
 
 
-@BACKBONES.resolver("timm:", help="any convolutional timm model by name (timm.list_models()), e.g. timm:resnet50.a1_in1k")
+@BACKBONES.resolver("timm:", help="any timm model by name (timm.list_models()), e.g. timm:resnet50.a1_in1k, timm:vit_base_patch16_siglip_224.webli")
 def build_timm(name: str, weights: str | Path | None = None, pretrained: bool = True) -> Backbone:
-    """``timm:NAME`` as a backbone returning ``forward_features``.
+    """``timm:NAME`` as a backbone returning ``forward_features`` as a map (token models: their patch tokens).
 
     Args:
         name: a timm model name, optionally with a pretrained tag (``resnet50.a1_in1k``).

@@ -53,7 +53,11 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default=d.dataset, help=f"{h['dataset']} {_choices(DATASETS)} (default %(default)s)")
     p.add_argument("--data-root", default=None, help=h["data_root"])
     p.add_argument("--image-size", type=int, default=None, help=h["image_size"])
+    p.add_argument("--resize", default=None, metavar="MODE", help=h["resize"])
     p.add_argument("--query-resize", choices=("crop", "full"), default=d.query_resize, help=h["query_resize"])
+    p.add_argument("--scales", default="1", metavar="S,S,...", help=h["scales"] + " (default %(default)s)")
+    p.add_argument("--scale-mean", choices=("gem", "arithmetic"), default=d.scale_mean, help=h["scale_mean"])
+    p.add_argument("--feature-map-size", default=None, metavar="HxW", help=h["feature_map_size"])
     p.add_argument("--pooling", default=str(d.pooling), help=f"NAME[:key=value,...]: {_choices(POOLINGS)} (default %(default)s)")
     p.add_argument("--whiten", type=_whiten, default=d.whiten, help=f"{h['whiten']} Give a dimension or 'none' (default %(default)s)")
     p.add_argument("--whiten-source", default=None, help=h["whiten_source"])
@@ -84,7 +88,11 @@ def _config(a: argparse.Namespace) -> Any:
             dataset=a.dataset,
             data_root=a.data_root,
             image_size=a.image_size,
+            resize=a.resize,
             query_resize=a.query_resize,
+            scales=a.scales,
+            scale_mean=a.scale_mean,
+            feature_map_size=a.feature_map_size,
             pooling=a.pooling,
             whiten=a.whiten,
             whiten_source=a.whiten_source,

@@ -25,10 +25,12 @@ from .groundtruth import UnsafePickleError, load_gnd_pickle, safe_load_pickle
 
 __all__ = [
     "DATASETS",
+    "DEFAULT_IMAGE_SIZE",
     "DatasetInfo",
     "UnsafePickleError",
     "dataset_label",
     "default_image_size",
+    "default_resize",
     "load_dataset",
     "load_gnd_pickle",
     "safe_load_pickle",
@@ -63,15 +65,24 @@ def load_dataset(
         raise
 
 
-def default_image_size(name: str) -> int | None:
-    """The longer image side a dataset asks for when the run gives none (``info.image_size``).
+DEFAULT_IMAGE_SIZE = 1024  # the image size of the revisitop / cirtorch protocol, for every model
 
-    None for ``folder:PATH`` datasets and for entries without a preference (the backbone's
-    default applies then).
-    """
+
+def default_image_size(name: str) -> int:
+    """The image size a dataset asks for when the run gives none: its ``info.image_size``, else
+    :data:`DEFAULT_IMAGE_SIZE` (also for ``folder:PATH``). Never the model's: a table that mixes
+    registry, ``timm:`` and ``hub:`` models compares them at one resolution."""
     if DATASETS.find_resolver(name) is not None:
-        return None
-    return DATASETS.get(name).info.image_size
+        return DEFAULT_IMAGE_SIZE
+    return DATASETS.get(name).info.image_size or DEFAULT_IMAGE_SIZE
+
+
+def default_resize(name: str) -> str:
+    """The resize mode a dataset asks for when the run gives none (``info.resize``; ``longer``
+    for ``folder:PATH``)."""
+    if DATASETS.find_resolver(name) is not None:
+        return "longer"
+    return DATASETS.get(name).info.resize
 
 
 def dataset_label(name: str) -> str:

@@ -20,13 +20,18 @@ class DatasetInfo(EntryInfo):
             names it, the evaluation stage owns the metric.
         layout: where the files are expected, relative to the data root (``<data_root>`` may
             appear in it, to be replaced by the actual root).
-        image_size: longer image side used when neither the user nor the run gives one; None
-            falls back to the backbone's default (1024 for most, as the literature uses).
+        image_size: image size used when the run gives none; None: the common default
+            (``retrbench.datasets.DEFAULT_IMAGE_SIZE``, 1024 as the literature uses). It never
+            depends on the model: every model gets the same resolution on the same dataset.
+        resize: the resize mode used when the run gives none (``longer``, ``cirtorch``; see
+            :mod:`retrbench.utils.images`): ``cirtorch`` for the Oxford / Paris family, whose
+            published numbers come from cirtorch's and revisitop's code.
     """
 
     protocol: str
     layout: str
     image_size: int | None = None
+    resize: str = "longer"
 
 
 # Entries: factories ``(data_root: str | Path | None = None, **options) -> RetrievalDataset``.

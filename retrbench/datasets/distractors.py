@@ -128,6 +128,7 @@ def load_with_distractors(
     info=DatasetInfo(
         "revisited",
         "roxford5k/ (as roxford5k) + revisitop1m/revisitop1m.txt + revisitop1m/jpg/<path>",
+        resize="cirtorch",  # as cirtorch / revisitop (InsCLR: the same ImagesFromList)
         label="rOxford 5k+1M",
         order=60,
         help="Revisited Oxford + 1M distractors: 4993 + 1,001,001 images, 70 cropped queries",
@@ -152,6 +153,7 @@ def roxford5k_1m(
     info=DatasetInfo(
         "revisited",
         "rparis6k/ (as rparis6k) + revisitop1m/revisitop1m.txt + revisitop1m/jpg/<path>",
+        resize="cirtorch",  # as cirtorch / revisitop (InsCLR: the same ImagesFromList)
         label="rParis 6k+1M",
         order=70,
         help="Revisited Paris + 1M distractors: 6322 + 1,001,001 images, 70 cropped queries",

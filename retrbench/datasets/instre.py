@@ -15,15 +15,26 @@ The ground truth is the file distributed with the diffusion code of Iscen et al.
   (``os2d/data/dataset.py``, ``build_instre_dataset``) and VISSL (``InstreDataset``). Paths are
   relative to the dataset folder and include the extension (OS2D derives the ``.txt`` box file
   from them; VISSL opens ``<base_dir>/<imlist[i]>``).
-* ``ok`` holds **1-based** (MATLAB) indices into ``imlist``: OS2D subtracts 1 ("WARNING -
-  1-based"), as does VISSL (``gnd[i][0][0] - 1``). This loader requires every index >= 1 and
-  rejects a file that looks 0-based.
-* ``bbx`` is the query box as **corners** ``(x0, y0, x1, y1)`` in original-image pixels: OS2D
-  notes "the matlab file has boxes in x1, y1, x2, y2, but the .txt files [of INSTRE] in x, y, w,
-  h" and crops queries with ``PIL.Image.crop(bbx)``; it follows the ``gnd(i).bbx`` convention of
-  the Oxford ground truth used by the same authors. (One public evaluator reads it as
-  ``x, y, w, h``; ``bbox_format="xywh"`` is offered for that reading, and with ``"xyxy"`` a box
-  whose corners are not ordered raises, pointing at the option.)
+* The readers disagree on the id base and the box format, so both are **detected from the file**
+  (``id_base="auto"``, ``bbox_format="auto"``, the defaults) and the decision and its reason are
+  written into the dataset notes (and so into every result row):
+
+  - Iscen et al.'s MATLAB file, as OS2D and VISSL read it: ``ok`` holds **1-based** indices
+    (OS2D subtracts 1, "WARNING - 1-based"; VISSL ``gnd[i][0][0] - 1``) and ``bbx`` is
+    **corners** ``(x0, y0, x1, y1)`` (OS2D: "the matlab file has boxes in x1, y1, x2, y2, but the
+    .txt files [of INSTRE] in x, y, w, h"; the ``gnd(i).bbx`` convention of the same authors'
+    Oxford ground truth).
+  - The InsCLR authors' evaluator (justforforfor/insclr,
+    ``benchmark/evaluation/instre_evaluation.py``) reads ``bbx`` as ``(x, y, w, h)`` and turns it
+    into corners, and uses ``ok`` directly as 0-based indices: a file in that convention (as
+    written from INSTRE's own ``.txt`` boxes, which are x, y, w, h) is 0-based and ``xywh``.
+
+  Id base: an index 0 means 0-based, an index equal to ``len(imlist)`` means 1-based (both:
+  an error); neither: 1-based (the MATLAB file), noted as assumed. Box format: a box whose
+  "corners" are not ordered rules out ``xyxy``; with the images at hand, boxes must lie inside
+  their query image (1 pixel of slack), which rules one reading out whenever a box is near the
+  right or bottom edge; when both readings fit every box, the convention that goes with the id
+  base decides (1-based: ``xyxy``, 0-based: ``xywh``), noted as such. Either can be forced.
 * Queries are **not** database images: INSTRE has 11,011 (S1) + 12,059 (S2) + 5,473 (M) =
   28,543 images (dataset homepage), and 27,293 + 1,250 = 28,543; Iscen et al. hold out 5 images
   per class of the 250 classes (100 S1 + 100 S2 + 50 M) as queries. The diffusion code's
@@ -89,13 +100,65 @@ def _field(g: np.void, name: str, where: str) -> np.ndarray:
     return np.asarray(g[name])
 
 
+def _id_base(oks: list[np.ndarray], n: int, forced: str | int, path: Path) -> tuple[int, str]:
+    """``(0 or 1, why)``: the base of the ``ok`` indices (module docstring)."""
+    if forced != "auto":
+        return int(forced), "given"
+    ids = np.concatenate(oks) if oks else np.zeros(0, np.int64)
+    has0, hasn = bool(ids.size and ids.min() == 0), bool(ids.size and ids.max() == n)
+    if has0 and hasn:
+        raise ValueError(f"{path}: ok indices span 0..{n}: neither 0-based nor 1-based for {n} images")
+    if has0:
+        return 0, "an index 0 occurs"
+    if hasn:
+        return 1, f"an index {n} occurs"
+    return 1, "assumed: no index 0 or N occurs; the MATLAB convention"
+
+
+def _query_sizes(ddir: Path, qimlist: list[str]) -> list[tuple[int, int] | None]:
+    from ..utils.images import image_size
+
+    out: list[tuple[int, int] | None] = []
+    for q in qimlist:
+        try:
+            out.append(image_size(ddir / q, max_pixels=None))
+        except (OSError, ValueError):
+            out.append(None)
+    return out
+
+
+def _box_format(
+    raw: list[tuple[float, float, float, float]], sizes: list[tuple[int, int] | None] | None, forced: str, base: int
+) -> tuple[str, str]:
+    """``("xyxy" | "xywh", why)`` for the boxes of the file (module docstring)."""
+    if forced != "auto":
+        return forced, "given"
+    ordered = all(b[0] < b[2] and b[1] < b[3] for b in raw)
+    if not ordered:
+        return "xywh", "some boxes are not ordered corners"
+    if sizes is not None and any(s is not None for s in sizes):
+        fits = {"xyxy": True, "xywh": True}
+        for b, sz in zip(raw, sizes, strict=True):
+            if sz is None:
+                continue
+            w, h = sz
+            fits["xyxy"] &= b[2] <= w + 1 and b[3] <= h + 1
+            fits["xywh"] &= b[0] + b[2] <= w + 1 and b[1] + b[3] <= h + 1
+        if fits["xyxy"] != fits["xywh"]:
+            good = "xyxy" if fits["xyxy"] else "xywh"
+            return good, f"only the {good} reading keeps every box inside its query image"
+    pick = "xyxy" if base == 1 else "xywh"
+    return pick, f"both readings fit; {base}-based ids go with {pick} files"
+
+
 def load_instre(
     data_root: str | Path | None = None,
     *,
     allow_missing: bool = False,
     check_images: bool = True,
     crop_queries: bool = True,
-    bbox_format: str = "xyxy",
+    bbox_format: str = "auto",
+    id_base: str | int = "auto",
 ) -> RetrievalDataset:
     """INSTRE from ``<data_root>/instre/gnd_instre.mat`` (1250 queries, 27293 database images).
 
@@ -105,11 +168,14 @@ def load_instre(
             raising; the ground truth is re-indexed and the counts go in notes.
         check_images: when False, do not look at the image files (ground truth only).
         crop_queries: crop each query to its ``bbx`` (default) or use the whole query image.
-        bbox_format: how ``bbx`` is stored: ``"xyxy"`` (corners, default, see module docstring)
-            or ``"xywh"`` (converted to corners).
+        bbox_format: how ``bbx`` is stored: ``"auto"`` (detected, see the module docstring),
+            ``"xyxy"`` (corners) or ``"xywh"`` (converted to corners).
+        id_base: ``"auto"`` (detected), 1 (MATLAB) or 0: the base of the ``ok`` indices.
     """
-    if bbox_format not in ("xyxy", "xywh"):
-        raise ValueError(f"instre: bbox_format must be 'xyxy' or 'xywh', got {bbox_format!r}")
+    if bbox_format not in ("auto", "xyxy", "xywh"):
+        raise ValueError(f"instre: bbox_format must be 'auto', 'xyxy' or 'xywh', got {bbox_format!r}")
+    if id_base not in ("auto", 0, 1):
+        raise ValueError(f"instre: id_base must be 'auto', 0 or 1, got {id_base!r}")
     ddir = resolve_data_root(data_root) / "instre"
     gnd_path = ddir / "gnd_instre.mat"
     if not gnd_path.is_file():
@@ -128,23 +194,33 @@ def load_instre(
     n = len(imlist)
     position = {s: i for i, s in enumerate(imlist)}
 
-    gnd: list[dict[str, np.ndarray]] = []
-    boxes: list[tuple[float, float, float, float]] = []
+    oks, raw = [], []
     for i, g in enumerate(entries):
         where = f"{gnd_path} gnd({i + 1}) ({qimlist[i]})"
         ok = _field(g, "ok", where).reshape(-1).astype(np.float64)
-        if ok.size and (np.any(np.mod(ok, 1) != 0) or ok.min() < 1 or ok.max() > n):
-            raise ValueError(f"{where} ok: expected 1-based MATLAB indices in [1, {n}], got {ok.min():g}..{ok.max():g}")
-        box = as_bbox(_field(g, "bbx", where), f"{where} bbx")
-        if bbox_format == "xywh":
+        if ok.size and np.any(np.mod(ok, 1) != 0):
+            raise ValueError(f"{where} ok: expected integer indices, got {ok[np.mod(ok, 1) != 0][:3]}")
+        oks.append(ok.astype(np.int64))
+        raw.append(as_bbox(_field(g, "bbx", where), f"{where} bbx"))
+    base, base_why = _id_base(oks, n, id_base, gnd_path)
+    sizes = _query_sizes(ddir, qimlist) if check_images and bbox_format == "auto" else None
+    fmt, fmt_why = _box_format(raw, sizes, bbox_format, base)
+
+    gnd: list[dict[str, np.ndarray]] = []
+    boxes: list[tuple[float, float, float, float]] = []
+    for i, (ok, box) in enumerate(zip(oks, raw, strict=True)):
+        where = f"{gnd_path} gnd({i + 1}) ({qimlist[i]})"
+        if ok.size and (ok.min() < base or ok.max() > n - 1 + base):
+            raise ValueError(f"{where} ok: expected {base}-based indices in [{base}, {n - 1 + base}], got {ok.min()}..{ok.max()}")
+        if fmt == "xywh":
             box = (box[0], box[1], box[0] + box[2], box[1] + box[3])
         if not (box[0] < box[2] and box[1] < box[3]):
             raise ValueError(
                 f"{where} bbx: {box} is not (x0, y0, x1, y1) with x0 < x1 and y0 < y1"
-                + ("; if the file stores (x, y, w, h), pass bbox_format='xywh'" if bbox_format == "xyxy" else "")
+                + ("; if the file stores (x, y, w, h), pass bbox_format='xywh'" if fmt == "xyxy" else "")
             )
         self_idx = [position[qimlist[i]]] if qimlist[i] in position else []
-        gnd.append({"ok": ok.astype(np.int64) - 1, "junk": np.array(self_idx, dtype=np.int64)})
+        gnd.append({"ok": ok - base, "junk": np.array(self_idx, dtype=np.int64)})
         boxes.append(box)
     n_q_in_db = sum(1 for q in qimlist if q in position)
 
@@ -170,7 +246,7 @@ def load_instre(
         "ground_truth": f"{gnd_path.name} md5 {md5_file(gnd_path)} ({'full' if full else 'non-standard size'}: "
         f"{n} images, {len(qimlist)} queries)",
         "query_crop": (
-            f"query cropped to its gnd bbx ({bbox_format} in the file, x0, y0, x1, y1 original-image pixels)"
+            f"query cropped to its gnd bbx, read as {fmt} ({fmt_why}); ids {base}-based ({base_why})"
             if crop_queries
             else "none: whole query image (crop_queries=False)"
         ),
@@ -194,6 +270,7 @@ def load_instre(
     info=DatasetInfo(
         "map",
         "instre/gnd_instre.mat + instre/<imlist path>",
+        resize="cirtorch",  # as cirtorch / revisitop (InsCLR: the same ImagesFromList)
         label="INSTRE",
         order=30,
         help="INSTRE (Iscen et al. 2017 split): 27293 images, 1250 cropped queries, mAP",
@@ -205,7 +282,8 @@ def instre(
     allow_missing: bool = False,
     check_images: bool = True,
     crop_queries: bool = True,
-    bbox_format: str = "xyxy",
+    bbox_format: str = "auto",
+    id_base: str | int = "auto",
 ) -> RetrievalDataset:
     """INSTRE: 1250 queries (cropped to their box) against 27293 images; queries not in the database."""
     return load_instre(

@@ -412,6 +412,7 @@ _CLS_LAYOUT = "{0}/gnd_{0}.pkl or {0}/groundtruth/*_query|good|ok|junk.txt, + {0
     info=DatasetInfo(
         "revisited",
         _REV_LAYOUT.format("roxford5k"),
+        resize="cirtorch",  # as cirtorch / revisitop (InsCLR: the same ImagesFromList)
         label="rOxford 5k",
         order=40,
         help="Revisited Oxford: 4993 images, 70 cropped queries",
@@ -430,6 +431,7 @@ def roxford5k(
     info=DatasetInfo(
         "revisited",
         _REV_LAYOUT.format("rparis6k"),
+        resize="cirtorch",  # as cirtorch / revisitop (InsCLR: the same ImagesFromList)
         label="rParis 6k",
         order=50,
         help="Revisited Paris: 6322 images, 70 cropped queries",
@@ -447,6 +449,7 @@ def rparis6k(
     info=DatasetInfo(
         "classic",
         _CLS_LAYOUT.format("oxford5k"),
+        resize="cirtorch",  # as cirtorch / revisitop (InsCLR: the same ImagesFromList)
         label="Oxford 5k",
         order=10,
         help="Oxford Buildings: 5063 images, 55 cropped queries",
@@ -470,6 +473,7 @@ def oxford5k(
     info=DatasetInfo(
         "classic",
         _CLS_LAYOUT.format("paris6k"),
+        resize="cirtorch",  # as cirtorch / revisitop (InsCLR: the same ImagesFromList)
         label="Paris 6k",
         order=20,
         help="Paris: 6392 images (20 corrupt left out), 55 queries",

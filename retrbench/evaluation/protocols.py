@@ -21,13 +21,14 @@ from .core import (
     MapResult,
     _ap,
     _check_kappas,
-    _compute_map,
     _count_within,
     _gnd_sets,
     _hits,
     _label,
+    _Labels,
     _mean,
     _result,
+    _Sets,
     check_gnd_range,
 )
 
@@ -54,6 +55,93 @@ PROTOCOLS: Registry[ProtocolFn] = Registry("protocol", ProtocolInfo)
 
 
 
+# --------------------------------------------------------------------------- protocols on labels
+#
+# Every protocol but gldv2 reads a ranking only through its labels (which entries hold which
+# ground-truth set, at which position): the functions below compute the metrics from a
+# ``_Labels``, whether it comes from a (Q, K) ranking (``_label``) or from the exact positions
+# of the labelled items in the full ranking (``retrbench.evaluation.scores``).
+
+_REVISITED_SPLITS = (("easy", 0b001, 0b100 | 0b010), ("medium", 0b001 | 0b010, 0b100), ("hard", 0b010, 0b100 | 0b001))
+
+
+def _revisited_sets(gnd: Gnd) -> list[_Sets]:
+    sets = _gnd_sets(gnd, ("easy", "hard", "junk"), protocol="revisited")
+    return [sets["easy"], sets["hard"], sets["junk"]]
+
+
+def _ok_junk_sets(name: str, junk_required: bool) -> Callable[[Gnd], list[_Sets]]:
+    def sets(gnd: Gnd) -> list[_Sets]:
+        if junk_required:
+            found = _gnd_sets(gnd, ("ok", "junk"), protocol=name)
+        else:
+            found = _gnd_sets(gnd, ("ok",), ("junk",))
+        return [found["ok"], found["junk"]]
+
+    return sets
+
+
+def _revisited_metrics(lab: _Labels, kappas: Sequence[int]) -> list[Metric]:
+    out: list[Metric] = []
+    for split, pos_bits, junk_bits in _REVISITED_SPLITS:
+        out += _percent_metrics(split, _result(_hits(lab, pos_bits, junk_bits), kappas), kappas)
+    return out
+
+
+def _classic_metrics(lab: _Labels, kappas: Sequence[int]) -> list[Metric]:
+    return _percent_metrics("all", _result(_hits(lab, 0b01, 0b10), kappas), kappas)
+
+
+def _ukbench_metrics(lab: _Labels, kappas: Sequence[int]) -> list[Metric]:
+    h = _hits(lab, 0b01, 0b10)
+    ns = _mean(_count_within(h, 4), h.valid)
+    return [Metric("all", "N-S", float(ns)), Metric("all", "mAP", 100.0 * _mean(_ap(h), h.valid))]
+
+
+def _map_metrics(lab: _Labels, kappas: Sequence[int]) -> list[Metric]:
+    h = _hits(lab, 0b01, 0b10)
+    out = _percent_metrics("all", _result(h, kappas), kappas)
+    first = np.full(h.n_pos.size, np.inf)
+    found = h.n_found > 0
+    first[found] = h.pos[h.start()[found]]
+    for k in kappas:
+        out.append(Metric("all", f"R@{k}", 100.0 * _mean((first < k).astype(np.float64), h.valid)))
+    return out
+
+
+def _revisited_ap(lab: _Labels) -> dict[str, np.ndarray]:
+    return {name: _ap(_hits(lab, pos, junk)) for name, pos, junk in _REVISITED_SPLITS}
+
+
+def _all_ap(lab: _Labels) -> dict[str, np.ndarray]:
+    return {"all": _ap(_hits(lab, 0b01, 0b10))}
+
+
+@dataclass(frozen=True)
+class LabelledProtocol:
+    """A protocol computed from labels: the ground-truth sets it labels (bit ``i`` = set ``i``),
+    its metrics and its per-query AP."""
+
+    sets: Callable[[Gnd], list[_Sets]]
+    metrics: Callable[[_Labels, Sequence[int]], list[Metric]]
+    query_ap: Callable[[_Labels], dict[str, np.ndarray]]
+
+
+LABELLED: dict[str, LabelledProtocol] = {
+    "revisited": LabelledProtocol(_revisited_sets, _revisited_metrics, _revisited_ap),
+    "classic": LabelledProtocol(_ok_junk_sets("classic", False), _classic_metrics, _all_ap),
+    "ukbench": LabelledProtocol(_ok_junk_sets("ukbench", True), _ukbench_metrics, _all_ap),
+    "map": LabelledProtocol(_ok_junk_sets("map", True), _map_metrics, _all_ap),
+}
+
+
+def _from_ranks(name: str, ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int]) -> list[Metric]:
+    arr = _as_ranks(ranks, len(gnd))
+    kappas = _check_kappas(kappas)
+    spec = LABELLED[name]
+    return spec.metrics(_label(arr, spec.sets(gnd)), kappas)
+
+
 # --------------------------------------------------------------------------- protocols
 
 
@@ -74,15 +162,7 @@ def revisited_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 
     Easy: positives ``easy``, junk ``junk + hard``; Medium: positives ``easy + hard``, junk
     ``junk``; Hard: positives ``hard``, junk ``junk + easy``. Values in percent.
     """
-    arr = _as_ranks(ranks, len(gnd))
-    kappas = _check_kappas(kappas)
-    sets = _gnd_sets(gnd, ("easy", "hard", "junk"), protocol="revisited")
-    lab = _label(arr, [sets["easy"], sets["hard"], sets["junk"]])
-    easy, hard, junk = 0b001, 0b010, 0b100
-    out: list[Metric] = []
-    for split, pos_bits, junk_bits in (("easy", easy, junk | hard), ("medium", easy | hard, junk), ("hard", hard, junk | easy)):
-        out += _percent_metrics(split, _result(_hits(lab, pos_bits, junk_bits), kappas), kappas)
-    return out
+    return _from_ranks("revisited", ranks, gnd, kappas)
 
 
 @PROTOCOLS.register(
@@ -91,7 +171,7 @@ def revisited_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 
 )
 def classic_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)) -> list[Metric]:
     """Original Oxford5k / Paris6k protocol: positives ``ok`` (good + ok), ``junk`` removed; mAP and mP@k in percent."""
-    return _percent_metrics("all", _compute_map(_as_ranks(ranks, len(gnd)), gnd, kappas), _check_kappas(kappas))
+    return _from_ranks("classic", ranks, gnd, kappas)
 
 
 @PROTOCOLS.register(
@@ -104,11 +184,7 @@ def ukbench_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5,
     The query image itself is normally in the database and in its own ``ok`` list. Junk is
     removed before taking the top 4; ``kappas`` is accepted for a uniform signature and unused.
     """
-    arr = _as_ranks(ranks, len(gnd))
-    sets = _gnd_sets(gnd, ("ok", "junk"), protocol="ukbench")
-    h = _hits(_label(arr, [sets["ok"], sets["junk"]]), 0b01, 0b10)
-    ns = _mean(_count_within(h, 4), h.valid)
-    return [Metric("all", "N-S", float(ns)), Metric("all", "mAP", 100.0 * _mean(_ap(h), h.valid))]
+    return _from_ranks("ukbench", ranks, gnd, kappas)
 
 
 @PROTOCOLS.register(
@@ -117,17 +193,7 @@ def ukbench_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5,
 )
 def map_protocol(ranks: np.ndarray, gnd: Gnd, kappas: Sequence[int] = (1, 5, 10)) -> list[Metric]:
     """Generic: mAP, mP@k and ``R@k`` (percent of queries with a positive in the junk-free top k)."""
-    arr = _as_ranks(ranks, len(gnd))
-    kappas = _check_kappas(kappas)
-    sets = _gnd_sets(gnd, ("ok", "junk"), protocol="map")
-    h = _hits(_label(arr, [sets["ok"], sets["junk"]]), 0b01, 0b10)
-    out = _percent_metrics("all", _result(h, kappas), kappas)
-    first = np.full(h.n_pos.size, np.inf)
-    found = h.n_found > 0
-    first[found] = h.pos[h.start()[found]]
-    for k in kappas:
-        out.append(Metric("all", f"R@{k}", 100.0 * _mean((first < k).astype(np.float64), h.valid)))
-    return out
+    return _from_ranks("map", ranks, gnd, kappas)
 
 
 def gnd_from_pickle(
@@ -223,16 +289,10 @@ def per_query_ap(
     arr = _as_ranks(ranks, len(gnd))
     check_ranks(arr, n_database)
     check_gnd_range(gnd, entry.info.keys, n_database)
-    if entry.name == "revisited":
-        sets = _gnd_sets(gnd, ("easy", "hard", "junk"), protocol="revisited")
-        lab = _label(arr, [sets["easy"], sets["hard"], sets["junk"]])
-        easy, hard, junk = 0b001, 0b010, 0b100
-        splits = (("easy", easy, junk | hard), ("medium", easy | hard, junk), ("hard", hard, junk | easy))
-        return {name: _ap(_hits(lab, pos, jk)) for name, pos, jk in splits}
-    if entry.name in ("classic", "map", "ukbench"):
-        sets = _gnd_sets(gnd, ("ok",), ("junk",), protocol=entry.name)
-        return {"all": _ap(_hits(_label(arr, [sets["ok"], sets["junk"]]), 0b01, 0b10))}
-    return {}
+    if entry.name not in LABELLED:
+        return {}
+    spec = LABELLED[entry.name]
+    return spec.query_ap(_label(arr, spec.sets(gnd)))
 
 
 # GLDv2 retrieval challenge metric (Weyand et al. 2020; Kaggle / DELF definition)

@@ -52,34 +52,75 @@ One module that registers a factory, imported from ``retrbench/rerank/__init__.p
     rerank("flip:sign=-1+dfs", queries, database, result)
 
 ``tests/rerank/test_base.py`` runs every registered entry through the same checks.
+
+Scores and reports
+------------------
+Besides the ranking (``result``, a top-``K`` list), a state may carry ``scores``: a
+:class:`~retrbench.utils.linalg.DatabaseScores` giving *every* database item a score whose
+full ranking ``result`` is the head of. Search, AQE and DBA define one (inner products of the
+current queries and database), diffusion too (its scores, then the incoming ranking), so the
+final ranking can be evaluated exactly over the whole database without sorting it
+(:func:`retrbench.evaluation.exact_evaluation`). A step that cannot define one leaves ``None``
+(the evaluation then reads the top-``K`` list).
+
+Each step also adds a :class:`RerankReport` to ``reports``: whether it approximated anything
+(an approximate kNN graph, ...) and the details (graph kind, index, ``nprobe``, recall against
+exact search on a sample), so that result rows say what was approximated. A step written
+without reports gets an empty one (``approximate=False``): a step that approximates must say so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from ..registry import EntryInfo, Registry
 from ..specs import Pipeline, Step, parse_pipeline
 from ..types import SearchResult, as_rows
+from ..utils.linalg import DatabaseScores
 
 __all__ = [
     "RERANKERS",
     "RankState",
+    "RerankReport",
     "Reranker",
     "RerankerInfo",
     "build_reranker",
     "clamp_notes",
     "pipeline_label",
     "pipeline_order",
+    "progress_bar",
     "rerank",
+    "rerank_progress",
 ]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RerankReport:
+    """What one rerank step did that the result rows must show.
+
+    Attributes:
+        step: the step as written in the spec (``"dba:k=5"``); filled in by :func:`build_reranker`.
+        approximate: whether the step approximated something exact (e.g. an approximate kNN graph).
+        details: JSON-able details, e.g. ``{"graph": {"kind": "ivf", "index": "IVF2000,Flat",
+            "params": {"nprobe": 8}, "recall": 0.97, "recall_sample": 1000, ...}}``.
+    """
+
+    step: str = ""
+    approximate: bool = False
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "approximate": bool(self.approximate), **dict(self.details)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,11 +131,16 @@ class RankState:
         queries: ``(Q, D)`` float32 L2-normalised query descriptors.
         database: ``(N, D)`` float32 L2-normalised database descriptors.
         result: current ranking of the database for each query, ``(Q, K)``, best first.
+        scores: a score for every database item whose full ranking ``result`` is the head of,
+            or None when the steps so far define none (see the module docstring).
+        reports: one :class:`RerankReport` per step run so far.
     """
 
     queries: np.ndarray
     database: np.ndarray
     result: SearchResult
+    scores: DatabaseScores | None = None
+    reports: tuple[RerankReport, ...] = ()
 
     def __post_init__(self) -> None:
         q = as_rows(self.queries, "queries")
@@ -103,8 +149,41 @@ class RankState:
             raise ValueError(f"RankState: queries {q.shape} and database {db.shape} have different dimensions")
         if self.result.indices.shape[0] != q.shape[0]:
             raise ValueError(f"RankState: {self.result.indices.shape[0]} result rows for {q.shape[0]} queries")
+        if self.scores is not None and (self.scores.n_queries, self.scores.n_database) != (q.shape[0], db.shape[0]):
+            raise ValueError(
+                f"RankState: scores for {self.scores.n_queries} x {self.scores.n_database} but "
+                f"{q.shape[0]} queries x {db.shape[0]} database vectors"
+            )
         object.__setattr__(self, "queries", q)
         object.__setattr__(self, "database", db)
+        object.__setattr__(self, "reports", tuple(self.reports))
+
+    @property
+    def approximate(self) -> bool:
+        """Whether any step so far reported an approximation."""
+        return any(r.approximate for r in self.reports)
+
+
+_PROGRESS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("retrbench_rerank_progress", default=None)
+
+
+@contextlib.contextmanager
+def rerank_progress(enabled: bool | None = True) -> Iterator[None]:
+    """Show (True), hide (False) or auto-show on a terminal (None, the default) the rerankers'
+    progress bars (graph building, diffusion) inside the ``with`` block."""
+    token = _PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar for rerank work (graph building, diffusion), shown as :func:`rerank_progress` says."""
+    from tqdm.auto import tqdm
+
+    flag = _PROGRESS.get()
+    return tqdm(disable=None if flag is None else not flag, leave=False, **kwargs)
 
 
 Reranker = Callable[[RankState], RankState]
@@ -171,15 +250,30 @@ def _warn_if_out_of_order(pipe: Pipeline) -> None:
             )
 
 
-def build_reranker(spec: str | Pipeline) -> Reranker:
-    """One callable running every step of ``spec`` (text or parsed) in the order written."""
+def _with_report(before: RankState, after: RankState, step: Step) -> RankState:
+    """``after`` with the reports of ``before`` kept and this step's report(s) named (an empty
+    one when the step made none)."""
+    prior = before.reports
+    kept = len(after.reports) >= len(prior) and all(a is b for a, b in zip(after.reports, prior, strict=False))
+    mine = after.reports[len(prior) :] if kept else after.reports
+    named = tuple(replace(r, step=r.step or str(step)) for r in mine) or (RerankReport(str(step)),)
+    return replace(after, reports=prior + named)
+
+
+def build_reranker(spec: str | Pipeline, *, progress: bool | None = None) -> Reranker:
+    """One callable running every step of ``spec`` (text or parsed) in the order written.
+
+    Each step's :class:`RerankReport` is added to the state's ``reports`` (named by the step);
+    ``progress`` shows or hides the steps' progress bars (None: on a terminal).
+    """
     pipe = parse_pipeline(spec, what="rerank spec")
-    steps = [_build_step(step) for step in pipe]
+    steps = [(step, _build_step(step)) for step in pipe]
     _warn_if_out_of_order(pipe)
 
     def run(state: RankState) -> RankState:
-        for step in steps:
-            state = step(state)
+        with rerank_progress(progress) if progress is not None else contextlib.nullcontext():
+            for step, fn in steps:
+                state = _with_report(state, fn(state), step)
         return state
 
     return run

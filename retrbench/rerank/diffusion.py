@@ -44,16 +44,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 from ..types import SearchResult, as_rows
-from ..utils.linalg import exact_search
-from .base import RERANKERS, RankState, Reranker, RerankerInfo
+from ..utils.linalg import DenseScores, FallbackScores, exact_search
+from .base import RERANKERS, RankState, Reranker, RerankerInfo, RerankReport, progress_bar
 from .cache import CACHE, freeze
-from .graphs import KNN_METHODS, database_knn, resolve_knn
+from .graphs import KNN_METHODS, knn_graph, resolve_knn
 
 __all__ = ["DiffusionParams", "diffusion_graph", "make_dfs", "make_dfs_offline", "offline_diffusion"]
 
@@ -99,24 +100,30 @@ class DiffusionParams:
 
 
 def diffusion_graph(
-    database: np.ndarray, k: int = 50, gamma: float = 3.0, knn: str = "auto", nprobe: int = 8
+    database: np.ndarray, k: int = 50, gamma: float = 3.0, knn: str = "auto", nprobe: int | None = 8
 ) -> sp.csr_matrix:
     """``S = D^-1/2 W D^-1/2`` of the database's mutual kNN graph (Iscen et al. 2017), cached.
 
     ``W[i, j] = max(s_ij, 0) ** gamma`` when ``i`` and ``j`` are among each other's ``k``
     nearest database vectors (each vector counted among its own, as in the authors' code),
-    0 otherwise and on the diagonal; ``D = diag(W 1)``.
+    0 otherwise and on the diagonal; ``D = diag(W 1)``. The kNN lists come from
+    :func:`~retrbench.rerank.graphs.knn_graph` (``knn``, ``nprobe``).
 
     Returns:
         ``(N, N)`` symmetric float32 CSR matrix (never dense).
     """
-    db = as_rows(database, "database")
+    return _graph(as_rows(database, "database"), int(k), float(gamma), knn, nprobe)[0]
+
+
+def _graph(db: np.ndarray, k: int, gamma: float, knn: str, nprobe: int | None) -> tuple[sp.csr_matrix, dict]:
+    """:func:`diffusion_graph` and the info of the kNN lists it was built from."""
     params = (int(k), float(gamma), resolve_knn(knn, db.shape[0]), nprobe)
     hit = CACHE.get(db, "graph", params)
     if hit is not None:
         return hit
     n = db.shape[0]
-    sims, ids = database_knn(db, k, knn, nprobe)  # (N, k)
+    knn_lists = knn_graph(db, k, knn, nprobe)
+    sims, ids = knn_lists.sims, knn_lists.ids  # (N, k)
     itype = np.int32 if n < 2**31 else np.int64
     rows = np.repeat(np.arange(n, dtype=itype), ids.shape[1])
     cols = ids.ravel().astype(itype)
@@ -138,16 +145,26 @@ def diffusion_graph(
     )
     s.sort_indices()
     freeze(s.data, s.indices, s.indptr)
-    return CACHE.put(db, "graph", params, s)
+    return CACHE.put(db, "graph", params, (s, dict(knn_lists.info)))
 
 
-def _cg(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, axis: int, rtol: float, maxiter: int) -> np.ndarray:
+def _cg(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    b: np.ndarray,
+    axis: int,
+    rtol: float,
+    maxiter: int,
+    stats: dict | None = None,
+    bar: Any = None,
+) -> np.ndarray:
     """Conjugate gradient on many symmetric positive definite systems at once.
 
     ``b`` is 2-D; ``axis`` is the axis *within* a system (0: one system per column, 1: one per
     row); ``matvec`` applies the block operator to an array shaped like ``b``. Per system the
     iterations are those of ``scipy.sparse.linalg.cg`` without preconditioner, stopping once
     ``||r|| < rtol * ||b||`` or after ``maxiter`` iterations (the system is then frozen).
+    ``stats`` (when given) receives ``iterations`` and ``unconverged`` (systems stopped by
+    ``maxiter``); ``bar`` (a progress bar) is advanced once per iteration.
     """
     spec = "ij,ij->j" if axis == 0 else "ij,ij->i"
 
@@ -161,12 +178,17 @@ def _cg(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, axis: int, rt
     atol = rtol * bnorm
     p = None
     rho_prev = None
+    done = 0
+    active = np.zeros(1, bool)
     for _ in range(maxiter):
         rho = dot(r, r)
         # scipy returns x = 0 when b = 0; r = 0 exactly means solved (and would divide by 0)
         active = ~(np.sqrt(rho) < atol) & (bnorm > 0) & (rho > 0)
         if not active.any():
             break
+        done += 1
+        if bar is not None:
+            bar.update(1)
         if p is None:
             p = r.copy()
         else:
@@ -179,6 +201,10 @@ def _cg(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, axis: int, rt
         x += a.astype(b.dtype) * p
         r -= a.astype(b.dtype) * q
         rho_prev = rho
+    if stats is not None:
+        rho = dot(r, r)
+        stats["iterations"] = done
+        stats["unconverged"] = int((~(np.sqrt(rho) < atol) & (bnorm > 0) & (rho > 0)).sum())
     return x
 
 
@@ -234,7 +260,7 @@ def _rank_by(scores: np.ndarray, previous: SearchResult) -> SearchResult:
 # --------------------------------------------------------------------------- online (Iscen et al.)
 
 
-def _ordered_graph(db: np.ndarray, p: DiffusionParams) -> tuple[sp.csr_matrix, np.ndarray]:
+def _ordered_graph(db: np.ndarray, p: DiffusionParams) -> tuple[sp.csr_matrix, np.ndarray, dict]:
     """``(S[perm][:, perm], perm)``: the diffusion graph in reverse Cuthill-McKee order, cached.
 
     Neighbours then sit in nearby rows, so ``S @ X`` reads ``X`` almost sequentially: about 6x
@@ -244,19 +270,30 @@ def _ordered_graph(db: np.ndarray, p: DiffusionParams) -> tuple[sp.csr_matrix, n
     hit = CACHE.get(db, "graph-rcm", params)
     if hit is not None:
         return hit
-    graph = diffusion_graph(db, p.k, p.gamma, p.knn, p.nprobe)
+    graph, info = _graph(db, p.k, p.gamma, p.knn, p.nprobe)
     perm = reverse_cuthill_mckee(graph, symmetric_mode=True).astype(np.int64)
     ordered = graph[perm][:, perm].tocsr()
     ordered.sort_indices()
     freeze(ordered.data, ordered.indices, ordered.indptr, perm)
-    return CACHE.put(db, "graph-rcm", params, (ordered, perm))
+    return CACHE.put(db, "graph-rcm", params, (ordered, perm, info))
+
+
+def _report(graph_info: dict, **details: Any) -> RerankReport:
+    return RerankReport(approximate=not graph_info.get("exact", True), details={"graph": dict(graph_info), **details})
+
+
+def _scored_state(s: RankState, scores: np.ndarray, report: RerankReport) -> RankState:
+    """The state ranked by diffusion ``scores`` ``(Q, N)``, with the full-ranking scores when the
+    incoming state has them (diffusion scores first, then the incoming order)."""
+    full = FallbackScores(DenseScores(scores), s.scores) if s.scores is not None else None
+    return RankState(s.queries, s.database, _rank_by(scores, s.result), scores=full, reports=(report,))
 
 
 def _online_diffusion(s: RankState, p: DiffusionParams) -> RankState:
     """Solve ``(I - alpha S) f = y`` for every query at once and rank by ``f``."""
     db = s.database
     n = db.shape[0]
-    graph, perm = _ordered_graph(db, p)
+    graph, perm, info = _ordered_graph(db, p)
     where = np.empty(n, np.int64)
     where[perm] = np.arange(n)  # database index -> row of the ordered graph
     ids, w = _query_seeds(s.queries, db, p.kq, p.gamma)  # (Q, kq)
@@ -268,8 +305,12 @@ def _online_diffusion(s: RankState, p: DiffusionParams) -> RankState:
     def matvec(x: np.ndarray) -> np.ndarray:
         return x - a32 * (graph @ x)
 
-    f = _cg(matvec, y, axis=0, rtol=p.tol, maxiter=p.maxiter)  # (N, Q), ordered rows
-    return RankState(s.queries, db, _rank_by(np.ascontiguousarray(f[where].T), s.result))
+    stats: dict = {}
+    with progress_bar(total=p.maxiter, desc=f"diffusion (CG, {nq} queries)", unit="it") as bar:
+        f = _cg(matvec, y, axis=0, rtol=p.tol, maxiter=p.maxiter, stats=stats, bar=bar)  # (N, Q), ordered rows
+    scores = np.ascontiguousarray(f[where].T)
+    del f, y
+    return _scored_state(s, scores, _report(info, cg=dict(stats, maxiter=p.maxiter, tol=p.tol)))
 
 
 # --------------------------------------------------------------------------- offline (Yang et al.)
@@ -336,10 +377,11 @@ def _offline_rows(db: np.ndarray, rows: np.ndarray, p: DiffusionParams) -> sp.cs
     with store.lock:
         missing = np.array([r for r in rows.tolist() if r not in store.ids], dtype=np.int64)
         if missing.size:
-            graph = diffusion_graph(db, p.k, p.gamma, p.knn, p.nprobe)
+            graph = _graph(db, p.k, p.gamma, p.knn, p.nprobe)[0]
             batch = max(1, min(missing.size, (1 << 16) // t))
             pos = np.full((batch, n), -1, dtype=np.int32)
             local = np.arange(t, dtype=np.int32)
+            bar = progress_bar(total=int(missing.size), desc=f"offline diffusion rows (trunc {t})", unit="row")
             for lo in range(0, missing.size, 4096):  # chunks bound the (rows, trunc) neighbour lists
                 chunk = missing[lo : lo + 4096]
                 ids = _truncation_lists(db, chunk, t)
@@ -352,6 +394,8 @@ def _offline_rows(db: np.ndarray, rows: np.ndarray, p: DiffusionParams) -> sp.cs
                     for j, row in enumerate(chunk[blo : blo + batch].tolist()):
                         store.ids[row] = r[j].astype(np.int32)
                         store.vals[row] = vals[j]
+                    bar.update(r.shape[0])
+            bar.close()
         m = rows.size
         indices = np.concatenate([store.ids[r] for r in rows.tolist()]) if m else np.empty(0, np.int32)
         data = np.concatenate([store.vals[r] for r in rows.tolist()]) if m else np.empty(0, np.float32)
@@ -384,8 +428,10 @@ def _offline_search(s: RankState, p: DiffusionParams) -> RankState:
     f = _offline_rows(db, rows, p)  # (rows, N)
     nq, kk = ids.shape
     seeds = sp.csr_matrix((w.ravel(), inverse.ravel(), np.arange(0, nq * kk + 1, kk)), shape=(nq, rows.size))
-    scores = (seeds @ f).toarray()  # (Q, N): sum_j w_j F[j]
-    return RankState(s.queries, db, _rank_by(scores, s.result))
+    scores = (seeds @ f).toarray().astype(np.float32, copy=False)  # (Q, N): sum_j w_j F[j]
+    info = _graph(db, p.k, p.gamma, p.knn, p.nprobe)[1]
+    report = _report(info, truncation="exact", offline_rows=int(rows.size), trunc=int(min(p.trunc, db.shape[0])))
+    return _scored_state(s, scores, report)
 
 
 # --------------------------------------------------------------------------- entries

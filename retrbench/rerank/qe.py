@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..utils.linalg import exact_search, l2_normalize
-from .base import RERANKERS, RankState, Reranker, RerankerInfo
+from ..utils.linalg import InnerProductScores, exact_search, l2_normalize
+from .base import RERANKERS, RankState, Reranker, RerankerInfo, RerankReport
 from .cache import CACHE, freeze
-from .graphs import KNN_METHODS, database_knn
+from .graphs import KNN_METHODS, KnnGraph, knn_graph
 
 __all__ = ["make_aqe", "make_dba"]
 
@@ -64,19 +64,24 @@ def make_aqe(k: int = 2, alpha: float = 0.0) -> Reranker:
         sims = np.einsum("qd,qkd->qk", s.queries, neigh)  # similarities, whatever the scores hold
         w = np.where(top >= 0, _weights(sims, alpha), 0.0).astype(np.float32)  # (Q, k)
         q = l2_normalize(s.queries + np.einsum("qk,qkd->qd", w, neigh)).astype(np.float32)  # (Q, D)
-        return RankState(q, s.database, exact_search(q, s.database, k=s.result.k))
+        res = exact_search(q, s.database, k=s.result.k)
+        return RankState(q, s.database, res, scores=InnerProductScores(q, s.database))
 
     return step
 
 
-def _augment_database(db: np.ndarray, k: int, alpha: float, knn: str, nprobe: int) -> np.ndarray:
-    """DBA of ``db`` ``(N, D)`` with its top-``k`` neighbours (itself excluded); cached, read-only ``(N, D)``."""
+def _augment_database(
+    db: np.ndarray, k: int, alpha: float, knn: str, nprobe: int | None
+) -> tuple[np.ndarray, KnnGraph]:
+    """DBA of ``db`` ``(N, D)`` with its top-``k`` neighbours (itself excluded), and the graph
+    used; cached, read-only ``(N, D)``."""
     params = (k, float(alpha), knn, nprobe)
     hit = CACHE.get(db, "dba", params)
     if hit is not None:
         return hit
     n = db.shape[0]
-    sims, idx = database_knn(db, min(k + 1, n), knn, nprobe)  # (N, k + 1)
+    graph = knn_graph(db, min(k + 1, n), knn, nprobe)  # (N, k + 1)
+    sims, idx = graph.sims, graph.ids
     # drop each vector itself from its neighbour list (it is usually, but not always, first)
     self_mask = idx == np.arange(n)[:, None]
     keep = np.argsort(self_mask, axis=1, kind="stable")[:, :k]
@@ -91,7 +96,7 @@ def _augment_database(db: np.ndarray, k: int, alpha: float, knn: str, nprobe: in
             block += w[lo:hi, j : j + 1] * db[np.maximum(idx[lo:hi, j], 0)]
         aug[lo:hi] = l2_normalize(block)
     freeze(aug)
-    return CACHE.put(db, "dba", params, aug)
+    return CACHE.put(db, "dba", params, (aug, graph))
 
 
 @RERANKERS.register(
@@ -110,7 +115,8 @@ def make_dba(k: int = 2, alpha: float = 0.0, knn: str = "auto", nprobe: int = 8)
     Each database vector is replaced by the L2-normalised sum of itself and its top-``k``
     database neighbours (itself excluded), weighted by ``max(similarity, 0) ** alpha`` (1
     when alpha = 0); queries are then searched again against the augmented database.
-    ``knn`` (``exact``, ``approx`` or ``auto``) and ``nprobe`` choose the neighbour search.
+    ``knn`` (``exact``, ``ivf`` / ``approx``, ``hnsw`` or ``auto``) and ``nprobe`` choose the
+    neighbour search (:mod:`.graphs`); the step's report carries the graph's info.
     """
     if k < 1:
         raise ValueError(f"dba: k must be >= 1, got {k}")
@@ -121,7 +127,9 @@ def make_dba(k: int = 2, alpha: float = 0.0, knn: str = "auto", nprobe: int = 8)
         raise ValueError(f"dba: knn must be one of {', '.join(KNN_METHODS)}, got {knn!r}")
 
     def step(s: RankState) -> RankState:
-        aug = _augment_database(s.database, k, alpha, knn, nprobe)
-        return RankState(s.queries, aug, exact_search(s.queries, aug, k=s.result.k))
+        aug, graph = _augment_database(s.database, k, alpha, knn, nprobe)
+        res = exact_search(s.queries, aug, k=s.result.k)
+        report = RerankReport(approximate=not graph.info["exact"], details={"graph": dict(graph.info)})
+        return RankState(s.queries, aug, res, scores=InnerProductScores(s.queries, aug), reports=(report,))
 
     return step

@@ -1,7 +1,21 @@
 """Image decoding for every stage: how one file (and an optional query box) becomes a network input.
 
-Images are resized so that the longer side is ``size`` (up or down, LANCZOS), optionally
-cropped to a query box first (``crop``) or after resizing the whole image (``full``).
+Three resize modes (``ImageSpec.resize``):
+
+* ``longer``: the longer side becomes ``size`` (up or down, LANCZOS); a query is cropped to its
+  box first and the crop resized (``query_resize="crop"``), or the whole image is resized and
+  the box cropped afterwards (``"full"``, the query at the database's scale).
+* ``cirtorch``: exactly cirtorch's ``ImagesFromList`` + ``imresize`` (Radenovic et al.; also
+  InsCLR's ``images_from_list.py``): decode to RGB; a query is cropped with Pillow's ``crop`` on
+  the box as given (Pillow rounds the corners; parts outside the image are black); then Pillow's
+  ``thumbnail((s, s), LANCZOS)`` with ``s = size`` for a database image and ``s = size *
+  max(crop) / max(full image)`` for a query, so the query keeps the database's scale and
+  ``thumbnail`` never enlarges. The call is Pillow's own (its ``reducing_gap`` included), so the
+  pixels are those the reference code gets with the same Pillow; :func:`target_size` computes
+  the same size from the header with a copy of Pillow's rule (checked against it by a test and
+  at every decode).
+* ``fixed``: every image, and every query crop, resized to ``fixed = (height, width)`` (LANCZOS,
+  aspect not kept), as the ICMR 2021 paper does.
 
 Decoding rules (:func:`decode_rgb`; every image becomes 8-bit RGB):
 
@@ -46,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,7 +70,9 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageSpec", "decode_rgb", "image_size", "load_image", "target_size"]
+__all__ = ["DEFAULT_MAX_PIXELS", "RESIZE_MODES", "ImageSpec", "decode_rgb", "image_size", "load_image", "target_size", "thumbnail_size"]
+
+RESIZE_MODES = ("longer", "cirtorch", "fixed")
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +115,8 @@ class ImageSpec:
         exif: apply the EXIF orientation before cropping and resizing (module docstring).
         max_pixels: refuse images with more pixels than this (decompression bombs); 0 or None:
             no limit. Default :data:`DEFAULT_MAX_PIXELS`.
+        resize: ``longer``, ``cirtorch`` or ``fixed`` (module docstring).
+        fixed: ``(height, width)`` of every input in ``fixed`` mode.
     """
 
     path: Path
@@ -106,10 +125,16 @@ class ImageSpec:
     query_resize: str = "crop"
     exif: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    resize: str = "longer"
+    fixed: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.max_pixels is not None and self.max_pixels < 0:
             raise ValueError(f"max_pixels must be >= 0 (0 or None: no limit), got {self.max_pixels}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if (self.resize == "fixed") != (self.fixed is not None):
+            raise ValueError("resize='fixed' needs fixed=(height, width), and only it takes one")
 
 
 # ------------------------------------------------------------------------------ pixel limit
@@ -279,9 +304,47 @@ def image_size(path: str | Path, *, exif: bool = False, max_pixels: int | None =
     return _upright_size(ImageSpec(Path(path), None, 16, exif=exif, max_pixels=max_pixels))
 
 
+def thumbnail_size(w: int, h: int, size: float) -> tuple[int, int]:
+    """The size Pillow's ``Image.thumbnail((size, size))`` gives a ``w x h`` image: never larger,
+    aspect kept with Pillow's rounding (a copy of its rule, so that sizes are known from headers)."""
+    x = y = math.floor(size)
+    if x >= w and y >= h:
+        return w, h
+    aspect = w / h
+
+    def round_aspect(number: float, key) -> int:  # noqa: ANN001
+        return max(min(math.floor(number), math.ceil(number), key=key), 1)
+
+    if x / y >= aspect:
+        x = round_aspect(y * aspect, key=lambda n: abs(aspect - n / y))
+    else:
+        y = round_aspect(x / aspect, key=lambda n: 0 if n == 0 else abs(aspect - x / n))
+    return x, y
+
+
+def _pillow_box(bbox: tuple[float, float, float, float], path: Path) -> tuple[int, int, int, int]:
+    """The box Pillow's ``crop`` uses for float corners (``round`` each); not clipped."""
+    x0, y0, x1, y1 = (int(round(float(v))) for v in bbox)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"{path}: query box {tuple(bbox)} is empty")
+    return x0, y0, x1, y1
+
+
+def _cirtorch_size(w: int, h: int, spec: ImageSpec) -> tuple[int, int]:
+    if spec.bbox is None:
+        return thumbnail_size(w, h, spec.size)
+    x0, y0, x1, y1 = _pillow_box(spec.bbox, spec.path)
+    cw, ch = x1 - x0, y1 - y0
+    return thumbnail_size(cw, ch, spec.size * max(cw, ch) / max(w, h))
+
+
 def target_size(spec: ImageSpec) -> tuple[int, int]:
     """``(width, height)`` of the network input for ``spec``, read from the file header only."""
     w, h = _upright_size(spec)
+    if spec.resize == "fixed":
+        return spec.fixed[1], spec.fixed[0]  # type: ignore[index]
+    if spec.resize == "cirtorch":
+        return _cirtorch_size(w, h, spec)
     if spec.bbox is None:
         return _scaled(w, h, spec.size)
     x0, y0, x1, y1 = _box(spec.bbox, w, h, spec.path)
@@ -297,7 +360,21 @@ def load_image(spec: ImageSpec) -> torch.Tensor:
     with _pillow_limit_off():  # Image.crop checks the box size against Pillow's limit too
         img = decode_rgb(spec.path, exif=spec.exif, max_pixels=spec.max_pixels)
         w, h = img.size
-        if spec.bbox is not None and spec.query_resize == "crop":
+        if spec.resize == "cirtorch":
+            expected = _cirtorch_size(w, h, spec)
+            full = max(w, h)
+            s = spec.size
+            if spec.bbox is not None:
+                img = img.crop(tuple(float(v) for v in spec.bbox))
+                s = spec.size * max(img.size) / full
+            img.thumbnail((s, s), Image.Resampling.LANCZOS)
+            if img.size != expected:  # pragma: no cover - only if Pillow changes its rule
+                raise RuntimeError(f"{spec.path}: Pillow's thumbnail gave {img.size}, retrbench expected {expected}; please report")
+        elif spec.resize == "fixed":
+            if spec.bbox is not None:
+                img = img.crop(_box(spec.bbox, w, h, spec.path))
+            img = img.resize((spec.fixed[1], spec.fixed[0]), Image.Resampling.LANCZOS)  # type: ignore[index]
+        elif spec.bbox is not None and spec.query_resize == "crop":
             img = img.crop(_box(spec.bbox, w, h, spec.path))
             img = img.resize(_scaled(*img.size, spec.size), Image.Resampling.LANCZOS)
         elif spec.bbox is not None:

@@ -97,3 +97,30 @@ class Shell:
 
     def __reduce__(self):
         return (os.system, (self.command,))
+
+
+def token_inputs(seed: int = 0) -> list[Tensor]:
+    """Two small batches for the token models: a square one and a non-square one that is no multiple of
+    any patch size (so the input rule resizes it and the position embeddings are resampled to a
+    non-square grid)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 98, 98, generator=g), torch.randn(2, 3, 101, 150, generator=g)]
+
+
+def fitted(x: Tensor, patch: int) -> Tensor:
+    """The input rule written out: bilinear resize to the nearest multiple of ``patch`` per side."""
+    H, W = x.shape[-2:]
+    size = (max(1, round(H / patch)) * patch, max(1, round(W / patch)) * patch)  # no .5 ties at these sizes
+    return x if size == (H, W) else torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def close_rel(a: Tensor, b: Tensor, rtol: float = 1e-4) -> None:
+    """``a`` equals ``b`` up to float32 rounding accumulated through a transformer (relative to ``b``'s scale)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.isfinite(a).all() and b.abs().max() > 0
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
+
+
+def meta_layout(make) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of ``make()``'s state dict, built on the meta device."""
+    return {k: tuple(v.shape) for k, v in on_meta(make).state_dict().items()}

@@ -254,7 +254,7 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def _cache_repo(root: Path, repo: str, model: torch.nn.Module, architecture: str) -> None:
+def _cache_repo(root: Path, repo: str, model: torch.nn.Module, architecture: str, classifier: str = "fc") -> None:
     """Put a timm repository in the cache as huggingface_hub lays it out (refs/main -> snapshots/<commit>/)."""
     folder = root / ("models--" + repo.replace("/", "--"))
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -262,7 +262,7 @@ def _cache_repo(root: Path, repo: str, model: torch.nn.Module, architecture: str
     (folder / "refs" / "main").write_text(commit)
     snap = folder / "snapshots" / commit
     snap.mkdir(parents=True)
-    cfg = {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 160, 160], "classifier": "fc", "license": "apache-2.0"}
+    cfg = {"mean": [0.5] * 3, "std": [0.25] * 3, "input_size": [3, 160, 160], "classifier": classifier, "license": "apache-2.0"}
     (snap / "config.json").write_text(json.dumps({"architecture": architecture, "num_classes": 1000, "pretrained_cfg": cfg}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(snap / "model.safetensors"))
 
@@ -295,3 +295,83 @@ def test_hf_hub_offline_not_cached_is_explained(hf_cache: Path) -> None:
         assert "HF_HOME" in msg and "hf download timm/resnet18.a1_in1k" in msg and "--weights PATH" in msg
     with pytest.raises(ValueError, match="expected hf-hub:ORG/REPO"):
         BACKBONES.create("hf-hub:resnet18")
+
+
+# --------------------------------------------------------------------------------------------
+# timm token models (ViT, SigLIP): patch tokens as the map, timm's pooled features as native
+
+
+def _token_map(model: torch.nn.Module, x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's own tokens for ``x`` fitted to the patch (the input rule, written out): (map, native)."""
+    H, W = x.shape[-2:]
+    xf = torch.nn.functional.interpolate(x, size=(round(H / patch) * patch, round(W / patch) * patch), mode="bilinear", align_corners=False)
+    t = model.forward_features(xf)
+    h, w = xf.shape[-2] // patch, xf.shape[-1] // patch
+    grid = t[:, model.num_prefix_tokens :].reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2)
+    return grid, model.forward_head(t, pre_logits=True)
+
+
+@pytest.fixture(scope="module")
+def vit_ref(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """A timm vit_tiny_patch16_224 (dynamic size) with its own random weights, saved as a state dict."""
+    torch.manual_seed(7)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, dynamic_img_size=True).eval()
+    path = tmp_path_factory.mktemp("timm_vit") / "vit_tiny.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def test_timm_vit_gives_patch_tokens_and_class_token(vit_ref: tuple[torch.nn.Module, Path]) -> None:
+    from retrbench.backbones import TokenBackbone
+    from retrbench.backbones.base import INPUT_RESIZE_TO_PATCHES
+
+    ref, path = vit_ref
+    bb = BACKBONES.create("timm:vit_tiny_patch16_224", weights=path)
+    assert isinstance(bb, TokenBackbone) and bb.weights_id == sha256_file(path)
+    info = bb.info
+    assert (info.channels, info.stride, info.patch_size, info.input_rule) == (192, 16, 16, INPUT_RESIZE_TO_PATCHES)
+    assert "global_pool='token'" in info.native_descriptor and info.map_side(101) == 6
+    for h, w in ((224, 224), (101, 150)):  # the pretrained grid, and a resized non-square input
+        x = _x(h, w)
+        with torch.no_grad():
+            want_map, want_cls = _token_map(ref, x, 16)
+            torch.testing.assert_close(bb(x), want_map, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(bb.native(x), want_cls, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(bb.native(x), ref.forward_features(torch.nn.functional.interpolate(
+                x, size=(96 if h == 101 else h, 144 if w == 150 else w), mode="bilinear", align_corners=False))[:, 0], rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_timm_siglip_has_no_class_token_and_pools_with_its_head() -> None:
+    bb = BACKBONES.create("timm:vit_base_patch16_siglip_224", pretrained=False)
+    model = bb.net.model
+    assert model.num_prefix_tokens == 0 and model.global_pool == "map" and model.attn_pool is not None
+    assert "attention-pool" in bb.info.native_descriptor
+    x = _x(101, 150)
+    with torch.no_grad():
+        want_map, want = _token_map(model, x, 16)
+        y, d = bb(x), bb.native(x)
+    assert y.shape == (2, 768, 6, 9) and d.shape == (2, 768)
+    torch.testing.assert_close(y, want_map, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        tokens = model.forward_features(torch.nn.functional.interpolate(x, size=(96, 144), mode="bilinear", align_corners=False))
+        torch.testing.assert_close(d, model.attn_pool(tokens), rtol=1e-5, atol=1e-5)  # MAP head, fc_norm is Identity
+
+
+def test_hf_hub_token_model_from_the_cache(hf_cache: Path, vit_ref: tuple[torch.nn.Module, Path]) -> None:
+    ref, _ = vit_ref
+    _cache_repo(hf_cache, "acme/tiny-vit", ref, "vit_tiny_patch16_224", classifier="head")
+    bb = BACKBONES.create("hf-hub:acme/tiny-vit")
+    assert bb.info.patch_size == 16 and callable(bb.native)
+    x = _x(80, 112)
+    with torch.no_grad():
+        want_map, want_cls = _token_map(ref, x, 16)
+        torch.testing.assert_close(bb(x), want_map, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(bb.native(x), want_cls, rtol=1e-5, atol=1e-5)
+
+
+def test_convolutional_timm_models_have_no_patch_rule(resnet18_ref: tuple[torch.nn.Module, Path]) -> None:
+    from retrbench.backbones.base import INPUT_ANY
+
+    bb = BACKBONES.create("timm:resnet18", weights=resnet18_ref[1])
+    assert bb.info.patch_size is None and bb.info.input_rule == INPUT_ANY and not hasattr(bb, "native")

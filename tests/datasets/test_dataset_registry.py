@@ -18,9 +18,11 @@ from PIL import Image
 
 from retrbench.datasets import (
     DATASETS,
+    DEFAULT_IMAGE_SIZE,
     DatasetInfo,
     dataset_label,
     default_image_size,
+    default_resize,
     load_dataset,
 )
 from retrbench.evaluation import PROTOCOLS, evaluate
@@ -174,7 +176,8 @@ def test_entry_metadata(name: str) -> None:
     assert entry.label == info.label == DATASETS.label(name) == dataset_label(name)
     assert info.protocol in PROTOCOLS, f"{name}: protocol {info.protocol!r} unknown to retrbench.evaluation"
     assert info.image_size is None or info.image_size > 0
-    assert default_image_size(name) == info.image_size
+    assert default_image_size(name) == (info.image_size or DEFAULT_IMAGE_SIZE)  # never the model's
+    assert default_resize(name) == info.resize in ("longer", "cirtorch")
     for alias in entry.aliases:
         assert DATASETS.get(alias) is entry
 
@@ -216,7 +219,8 @@ def test_folder_resolver(tmp_path: Path) -> None:
     ds = DATASETS.create(name)
     _check_dataset(ds, "map")
     assert ds.images == ("db/a.jpg", "db/b.jpg", "db/c.jpg") and ds.gnd[0]["ok"].tolist() == [0]
-    assert default_image_size(name) is None and dataset_label(name) == tmp_path.name
+    assert default_image_size(name) == DEFAULT_IMAGE_SIZE and default_resize(name) == "longer"
+    assert dataset_label(name) == tmp_path.name
 
 
 # ----------------------------------------------------------------------------- load_dataset

@@ -92,20 +92,41 @@ def test_crop_queries_false_and_xywh(tmp_path: Path) -> None:
     assert ds.queries[0].bbox == (12.0, 30.0, 112.0, 80.0) and "xywh" in ds.notes["query_crop"]
 
 
-def test_unordered_corners_point_at_xywh(tmp_path: Path) -> None:
-    _make(tmp_path, bbx=[[120.0, 30.0, 100.0, 50.0], BBX[1]])  # x1 < x0: (x, y, w, h) read as corners
+def test_unordered_corners_are_read_as_xywh(tmp_path: Path) -> None:
+    _make(tmp_path, bbx=[[120.0, 30.0, 100.0, 50.0], BBX[1]])  # x1 < x0: only (x, y, w, h) makes sense
+    ds = load_instre(tmp_path)
+    assert ds.queries[0].bbox == (120.0, 30.0, 220.0, 80.0)
+    assert "read as xywh (some boxes are not ordered corners)" in ds.notes["query_crop"]
     with pytest.raises(ValueError, match=r"gnd\(1\).*bbox_format='xywh'"):
-        load_instre(tmp_path)
+        load_instre(tmp_path, bbox_format="xyxy")
     with pytest.raises(ValueError, match="bbox_format"):
         load_instre(tmp_path, bbox_format="cxcywh")
 
 
-def test_zero_based_or_out_of_range_ok_rejected(tmp_path: Path) -> None:
-    _make(tmp_path, ok=[[0, 1], [3]])
-    with pytest.raises(ValueError, match=r"gnd\(1\).*1-based"):
-        load_instre(tmp_path)
-    _make(tmp_path, ok=[[1], [6]])
+def test_the_query_images_decide_the_box_format(tmp_path: Path) -> None:
+    # 8 x 8 query images: (1, 2, 7, 8) fits as corners, not as x, y, w, h (2 + 8 > 8 + 1)
+    _make(tmp_path, bbx=[[1.0, 1.0, 3.0, 3.0], [1.0, 2.0, 7.0, 8.0]])
+    ds = load_instre(tmp_path)
+    assert ds.queries[1].bbox == (1.0, 2.0, 7.0, 8.0) and "only the xyxy reading keeps every box inside" in ds.notes["query_crop"]
+    # both readings fit: the id base decides (1-based MATLAB file -> corners; 0-based -> x, y, w, h)
+    _make(tmp_path, bbx=[[1.0, 1.0, 3.0, 3.0], [1.0, 2.0, 6.0, 5.0]])
+    assert load_instre(tmp_path).queries[1].bbox == (1.0, 2.0, 6.0, 5.0)
+    _make(tmp_path, bbx=[[1.0, 1.0, 3.0, 3.0], [1.0, 2.0, 6.0, 5.0]], ok=[[0, 1, 3], [2, 4]])
+    ds = load_instre(tmp_path)
+    assert ds.queries[1].bbox == (1.0, 2.0, 7.0, 7.0) and "0-based ids go with xywh" in ds.notes["query_crop"]
+
+
+def test_id_base_is_detected_or_given(tmp_path: Path) -> None:
+    _make(tmp_path, ok=[[0, 1], [3]])  # an index 0: 0-based (the InsCLR authors' reading)
+    ds = load_instre(tmp_path)
+    assert [g["ok"].tolist() for g in ds.gnd] == [[0, 1], [3]] and "ids 0-based (an index 0 occurs)" in ds.notes["query_crop"]
+    with pytest.raises(ValueError, match=r"gnd\(1\).*1-based indices in \[1, 5\]"):
+        load_instre(tmp_path, id_base=1)
+    _make(tmp_path, ok=[[1], [6]])  # 6 > 5 images, and no 0: assumed 1-based, then out of range
     with pytest.raises(ValueError, match=r"gnd\(2\).*\[1, 5\]"):
+        load_instre(tmp_path)
+    _make(tmp_path, ok=[[0], [5]])  # 0 and N: neither
+    with pytest.raises(ValueError, match="neither 0-based nor 1-based"):
         load_instre(tmp_path)
 
 

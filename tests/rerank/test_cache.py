@@ -73,13 +73,13 @@ def test_database_computations_are_cached_across_variants(rng, monkeypatch):
     q, db = clustered(rng)
     g = search(q, db)
     calls = []
-    real = graphs._gemm_topk_knn
+    real = graphs._exact_graph
 
     def counting(x, k):
         calls.append((x.shape[0], k))
         return real(x, k)
 
-    monkeypatch.setattr(graphs, "_gemm_topk_knn", counting)
+    monkeypatch.setattr(graphs, "_exact_graph", counting)
     first = {spec: rerank(spec, q, db, g) for spec in PAPER_VARIANTS}
     # one kNN list of the database (k=50, sliced for DBA's k+1=3) and one of the augmented one
     assert calls == [(72, 50), (72, 50)]
