@@ -23,7 +23,7 @@ from .utils.io import stable_hash
 # configuration does not import Pillow and torch.
 DEFAULT_MAX_PIXELS = 178_956_970
 
-__all__ = ["DEFAULT_MAX_PIXELS", "RunConfig", "parse_hw", "check_keys", "config_id", "field_help", "stable_hash"]
+__all__ = ["DEFAULT_MAX_PIXELS", "PRESETS", "RunConfig", "apply_preset", "parse_hw", "check_keys", "config_id", "field_help", "stable_hash"]
 
 
 def parse_hw(text: str | tuple[int, int], what: str) -> tuple[int, int]:
@@ -62,6 +62,38 @@ def _parse_scales(value: object) -> tuple[float, ...]:
     if not scales or any(not (s > 0) or s == float("inf") for s in scales):
         raise ValueError(f"scales: expected positive numbers such as 1,0.7071,0.5, got {value!r}")
     return scales
+
+
+# Named sets of RunConfig fields (``--preset NAME``, ``preset:`` in experiment files): the given
+# fields replace the defaults; anything the user sets explicitly wins over the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Krishna, McGuinness and O'Connor, "Evaluating Contrastive Models for Instance-based Image
+    # Retrieval", ICMR 2021, Section 4.1 (the seed 001 text):
+    "icmr21": {
+        # "We resize our input images to a fixed resolution of [lost] giving a feature spatial
+        # dimension of [lost]": the number did not survive in the text; 224 x 224 (ResNet-50's
+        # 7 x 7 map) is an assumption, stated here and in every row (resize).
+        "resize": "fixed:224x224",
+        "pooling": "rmac",  # "we use R-MAC over spatial dimensions"
+        "whiten": 512,  # "normalization, PCA-whitening, and normalization again"; "PCA dimension of 512"
+        # "we first run each of the models in training mode (PyTorch model.train() just
+        # feed-forward) to tune the batch-normalization statistics": every database image, with
+        # PyTorch's default momentum
+        "bn_recalibrate": 1_000_000_000,
+        "bn_momentum": 0.1,
+    },
+}
+
+
+def apply_preset(name: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` over the preset's values (the preset only fills what ``fields`` lacks)."""
+    if not name:
+        return dict(fields)
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint} (known: {', '.join(PRESETS)})")
+    return {**PRESETS[name], **fields}
 
 
 def check_keys(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
@@ -110,7 +142,9 @@ class RunConfig:
         whiten: PCA-whitening output dimension; None (the default) keeps the L2-normalised
             descriptor. Whitening learned on a small database amplifies noise (on the 197-image
             demo, 512 is capped to 196 and Medium mAP falls from 77 to 43): learn it elsewhere
-            (``whiten_source``) or on a large collection.
+            (``whiten_source``) or on a large collection. ``shipped`` (or ``shipped:NAME``) applies
+            the whitening a checkpoint ships instead (GeM-AP's PCA, cirtorch's learned whitening),
+            as its authors evaluate it.
         whiten_source: dataset to learn the whitening on; None learns it on the database.
         rerank: rerank :class:`~retrbench.specs.Pipeline` (a string such as ``none``, ``aqe``
             or ``dba+aqe:k=5`` is parsed on construction).
@@ -120,6 +154,10 @@ class RunConfig:
         bn_recalibrate: before extraction, re-estimate BatchNorm statistics on this many
             database images (training-mode forward passes, cumulative average), as the paper
             does; 0 keeps the checkpoint's statistics.
+        bn_momentum: momentum of the BatchNorm re-calibration: None (default) keeps a
+            cumulative average over the images (every batch weighs the same); 0.1 is PyTorch's
+            default, i.e. plain ``model.train()`` forward passes as the ICMR 2021 paper does
+            (an exponential average dominated by the last batches). Recorded in the rows.
         allow_missing: evaluate on the images present when a dataset is incomplete.
         dataset_options: extra keyword options of the dataset loader as ``(key, value)`` pairs,
             e.g. ``(("max_distractors", 1000),)`` or ``(("split", "public"),)``.
@@ -144,13 +182,14 @@ class RunConfig:
     scale_mean: str = "gem"
     feature_map_size: str | None = None
     pooling: Step = Step("gem")
-    whiten: int | None = None
+    whiten: int | str | None = None
     whiten_source: str | None = None
     rerank: Pipeline = Pipeline()
     batch_size: int = 8
     device: str = "auto"
     workers: int = 2
     bn_recalibrate: int = 0
+    bn_momentum: float | None = None
     allow_missing: bool = False
     dataset_options: tuple[tuple[str, Any], ...] = ()
     topk: int | None = None
@@ -174,13 +213,18 @@ class RunConfig:
             raise ValueError(f"query_resize must be 'crop' or 'full', got {self.query_resize!r}")
         if self.image_size is not None and self.image_size < 16:
             raise ValueError(f"image_size must be >= 16 pixels, got {self.image_size}")
-        if self.whiten is not None and self.whiten < 1:
-            raise ValueError(f"whiten must be a positive dimension or None, got {self.whiten}")
+        if isinstance(self.whiten, str):
+            if not (self.whiten == "shipped" or self.whiten.startswith("shipped:")):
+                raise ValueError(f"whiten must be a positive dimension, 'shipped[:NAME]' or None, got {self.whiten!r}")
+        elif self.whiten is not None and (isinstance(self.whiten, bool) or self.whiten < 1):
+            raise ValueError(f"whiten must be a positive dimension, 'shipped[:NAME]' or None, got {self.whiten}")
         if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or self.max_pixels < 0):
             raise ValueError(f"max_pixels must be a number of pixels >= 0 (0 or None: no limit), got {self.max_pixels!r}")
         if self.topk is not None and self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         object.__setattr__(self, "dataset_options", tuple((str(k), v) for k, v in dict(self.dataset_options).items()))
+        if self.bn_momentum is not None and not (0 < float(self.bn_momentum) <= 1):
+            raise ValueError(f"bn_momentum must be in (0, 1] or None (cumulative average), got {self.bn_momentum!r}")
         if self.bn_recalibrate < 0:
             raise ValueError(f"bn_recalibrate must be >= 0 images, got {self.bn_recalibrate}")
         if self.batch_size < 1:

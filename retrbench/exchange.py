@@ -18,7 +18,8 @@ from ._version import __version__
 from .backbones import Backbone
 from .config import RunConfig, config_id
 from .evaluation import PROTOCOLS, evaluate
-from .pipeline import _image_ids, _labels, evaluate_features, extract_features
+from .pipeline import evaluate_features, extract_features
+from .pipeline.features import _image_ids, _labels
 from .rerank import build_reranker, pipeline_label
 from .results import RunResult, tidy_rows
 from .types import RetrievalDataset

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import RunConfig, check_keys, config_id
+from .config import RunConfig, apply_preset, check_keys, config_id
 from .specs import Pipeline, Step, parse_pipeline, parse_step
 from .whitening import PCAWhitening, l2_normalize, postprocess
 
@@ -58,12 +58,43 @@ log = logging.getLogger(__name__)
 AXES = ("dataset", "pooling", "whiten", "rerank")
 # experiment-file key -> RunConfig field
 _GRID_KEYS = {"models": "model", "datasets": "dataset", "poolings": "pooling", "whiten": "whiten", "rerank": "rerank"}
-_TOP_KEYS = ("name", "description", "results_dir", "fixed", *_GRID_KEYS)
+_TOP_KEYS = ("name", "description", "results_dir", "preset", "fixed", "labels", *_GRID_KEYS)
+_LABEL_COLUMNS = ("model", "pooling", "dataset", "rerank")
 _TRUE_DIM = ("none", "null", "true", "true_dim", "true dim", "off", "no")
 
 
 def _config_fields() -> set[str]:
     return {f.name for f in fields(RunConfig)}
+
+
+def _labels(value: Any, where: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """``labels: {rerank: {"DFS (offline)": "DFS"}}``: display names replaced in the rows' labels."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: 'labels' maps a column ({', '.join(_LABEL_COLUMNS)}) to {{label: new label}}, got {value!r}")
+    check_keys(value, _LABEL_COLUMNS, f"{where} labels")
+    out = []
+    for col, mapping in value.items():
+        if not isinstance(mapping, Mapping):
+            raise ValueError(f"{where}: labels.{col} must map labels to new labels, got {mapping!r}")
+        out.append((str(col), tuple((str(k), str(v)) for k, v in mapping.items())))
+    return tuple(out)
+
+
+def relabel(rows: list[dict[str, Any]], labels: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]) -> list[dict[str, Any]]:
+    """Rows with every ``old`` label part replaced by ``new`` in their ``<column>_label`` (whole
+    ``+``-separated parts, so ``G+DFS (offline)`` becomes ``G+DFS`` for ``DFS (offline): DFS``)."""
+    if not labels:
+        return rows
+    out = []
+    for row in rows:
+        row = dict(row)
+        for col, mapping in labels:
+            key = f"{col}_label"
+            if isinstance(row.get(key), str):
+                table = dict(mapping)
+                row[key] = "+".join(table.get(part, part) for part in row[key].split("+"))
+        out.append(row)
+    return out
 
 
 def _whiten_value(v: Any) -> int | None:
@@ -137,6 +168,8 @@ class Experiment:
     fixed: tuple[tuple[str, Any], ...] = ()
     results_dir: str | None = None
     description: str = ""
+    preset: str | None = None
+    labels: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     source: str | None = field(default=None, compare=False)
 
     @classmethod
@@ -151,6 +184,10 @@ class Experiment:
         fixed = dict(d.get("fixed") or {})
         cfg_fields = _config_fields()
         grid_fields = set(_GRID_KEYS.values())
+        preset = d.get("preset")
+        preset_values = apply_preset(preset, {}) if preset else {}
+        fixed = {**{k: v for k, v in preset_values.items() if k not in grid_fields}, **fixed}
+        labels = _labels(d.get("labels") or {}, where)
         in_grid = sorted(set(fixed) & grid_fields)
         if in_grid:
             raise ValueError(f"{where}: {in_grid} are grid axes; list them at the top level ({', '.join(_GRID_KEYS)}), not under 'fixed'")
@@ -170,6 +207,8 @@ class Experiment:
         for key in ("poolings", "whiten", "rerank"):
             if key in d:
                 kw[key] = _axis(key, d[key])
+            elif _GRID_KEYS[key] in preset_values:
+                kw[key] = _axis(key, preset_values[_GRID_KEYS[key]])
         exp = cls(
             name=name,
             models=tuple(ModelEntry.parse(m) for m in models),
@@ -177,6 +216,8 @@ class Experiment:
             fixed=tuple(fixed.items()),
             results_dir=None if d.get("results_dir") is None else str(d["results_dir"]),
             description=str(d.get("description") or ""),
+            preset=None if preset is None else str(preset),
+            labels=labels,
             source=source,
             **kw,
         )
@@ -351,16 +392,27 @@ def _cell_label(cfg: RunConfig) -> str:
 
 
 def plan(experiment: str | Path | Mapping[str, Any] | Experiment, *, results_dir: str | Path | None = None) -> pd.DataFrame:
-    """The cells of an experiment, one row each: model, dataset, pooling, whiten, rerank, config_id, done."""
+    """The cells of an experiment, one row each: model, dataset, pooling, whiten, rerank, the
+    resolved image size and resize mode (the dataset's default when the file gives none), every
+    other setting that differs from the defaults, config_id and whether it is done."""
+    from .datasets import default_image_size, default_resize
+
     exp = load_experiment(experiment)
     out = Path(results_dir) if results_dir is not None else exp.default_results_dir()
     done = _finished_ids(out)
+    shown = {"model", "dataset", "pooling", "whiten", "rerank", "image_size", "resize"}
+    default = RunConfig().to_dict()
     rows = []
     for c in exp.cells():
         cid = config_id(c)
+        d = c.to_dict()
+        other = "; ".join(f"{k}={v}" for k, v in d.items() if k not in shown and v != default[k])
+        size = c.image_size or default_image_size(c.dataset)
+        resize = c.resize or default_resize(c.dataset)
         rows.append(
-            {"model": c.model, "dataset": c.dataset, "pooling": str(c.pooling), "whiten": c.whiten, "rerank": str(c.rerank), "config_id": cid, "done": cid in done}
-        )
+            {"model": c.model, "dataset": c.dataset, "pooling": str(c.pooling), "whiten": c.whiten, "rerank": str(c.rerank),
+             "image_size": size, "resize": resize, "settings": other, "config_id": cid, "done": cid in done}
+        )  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -390,13 +442,14 @@ def sweep(
     from tqdm.auto import tqdm
 
     from . import pipeline
-    from .results import load_results
+    from .results import append_results, check_results_dir, load_results
 
     t0 = time.perf_counter()
     exp = load_experiment(experiment)
     cells = exp.cells()
     _validate(cells)
     out = Path(results_dir) if results_dir is not None else exp.default_results_dir()
+    check_results_dir(out)
     done = _finished_ids(out)
     todo = [c for c in cells if config_id(c) not in done]
     log.info("sweep %s: %d cells, %d already in %s, %d to run", exp.name, len(cells), len(cells) - len(todo), out, len(todo))
@@ -409,7 +462,8 @@ def sweep(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", pipeline.WhiteningNote)  # collected in notes below
-                res = pipeline.run(cfg, results_dir=out, progress=progress, backbones=memo, postprocess_fn=whitening)
+                res = pipeline.run(cfg, results_dir=None, progress=progress, backbones=memo, postprocess_fn=whitening)
+            append_results(relabel(res.rows, exp.labels), out)
         except Exception as e:
             if hasattr(e, "add_note"):
                 e.add_note(

@@ -12,13 +12,15 @@ from .main import UsageError, command
 FORMATS = ("markdown", "latex", "html", "csv")
 
 
-def _whiten(text: str) -> int | None:
+def _whiten(text: str) -> int | str | None:
     if text.lower() in ("none", "no", "off"):
         return None
+    if text == "shipped" or text.startswith("shipped:"):
+        return text
     try:
         dim = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--whiten takes a dimension or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--whiten takes a dimension, 'shipped[:NAME]' or 'none', got {text!r}") from None
     if dim < 1:
         raise argparse.ArgumentTypeError(f"--whiten dimension must be a positive integer (or 'none'), got {dim}")
     return dim
@@ -48,6 +50,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     from ..rerank import RERANKERS
 
     d, h = RunConfig(), field_help()
+    from ..config import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of settings, e.g. icmr21 (the ICMR 2021 paper's: fixed resolution, R-MAC, 512-d whitening, BatchNorm re-calibration by train() passes); options given explicitly win")
     p.add_argument("--model", default=d.model, help=f"{h['model']} Known: {', '.join(BACKBONES.list())}, or {', '.join(r.prefix + '...' for r in BACKBONES.resolvers if r.prefix)} (default %(default)s)")
     p.add_argument("--weights", default=None, help=h["weights"])
     p.add_argument("--dataset", default=d.dataset, help=f"{h['dataset']} {_choices(DATASETS)} (default %(default)s)")
@@ -63,6 +68,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--whiten-source", default=None, help=h["whiten_source"])
     p.add_argument("--rerank", default=str(d.rerank), help=f"none, or steps joined by '+' run in the order written (dba+aqe+dfs), each NAME[:key=value,...]: {_choices(RERANKERS)} (default %(default)s)")
     p.add_argument("--bn-recalibrate", type=int, default=d.bn_recalibrate, metavar="N", help=h["bn_recalibrate"])
+    p.add_argument("--bn-momentum", type=float, default=None, metavar="M", help=h["bn_momentum"])
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=h["batch_size"] + " (default %(default)s)")
     p.add_argument("--device", default=d.device, help=h["device"])
     p.add_argument("--workers", type=int, default=d.workers, help=h["workers"] + " (default %(default)s)")
@@ -82,35 +88,51 @@ def _config(a: argparse.Namespace) -> Any:
     from ..pipeline import check_config
 
     try:
-        cfg = RunConfig(
-            model=a.model,
-            weights=a.weights,
-            dataset=a.dataset,
-            data_root=a.data_root,
-            image_size=a.image_size,
-            resize=a.resize,
-            query_resize=a.query_resize,
-            scales=a.scales,
-            scale_mean=a.scale_mean,
-            feature_map_size=a.feature_map_size,
-            pooling=a.pooling,
-            whiten=a.whiten,
-            whiten_source=a.whiten_source,
-            rerank=a.rerank,
-            batch_size=a.batch_size,
-            bn_recalibrate=a.bn_recalibrate,
-            device=a.device,
-            workers=a.workers,
-            allow_missing=a.allow_missing,
-            dataset_options=tuple(a.dataset_option),
-            topk=a.topk,
-            exif=a.exif,
-            max_pixels=a.max_pixels or None,
-        )
+        cfg = _build(a, RunConfig)
         check_config(cfg)
     except (KeyError, ValueError, TypeError) as e:
         raise UsageError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
     return cfg
+
+
+def _build(a: argparse.Namespace, RunConfig: Any) -> Any:  # noqa: N803
+    """The RunConfig of the parsed options, over the preset's values for options left at their defaults."""
+    from ..config import PRESETS
+
+    explicit = {}
+    if getattr(a, "preset", None):
+        defaults = RunConfig().to_dict()
+        for key, value in PRESETS[a.preset].items():
+            given = getattr(a, key, None)
+            if given is None or (key in defaults and str(given) == str(defaults[key])):
+                explicit[key] = value
+    cfg = RunConfig(
+        model=a.model,
+        weights=a.weights,
+        dataset=a.dataset,
+        data_root=a.data_root,
+        image_size=a.image_size,
+        resize=a.resize,
+        query_resize=a.query_resize,
+        scales=a.scales,
+        scale_mean=a.scale_mean,
+        feature_map_size=a.feature_map_size,
+        pooling=a.pooling,
+        whiten=a.whiten,
+        whiten_source=a.whiten_source,
+        rerank=a.rerank,
+        batch_size=a.batch_size,
+        bn_recalibrate=a.bn_recalibrate,
+        bn_momentum=a.bn_momentum,
+        device=a.device,
+        workers=a.workers,
+        allow_missing=a.allow_missing,
+        dataset_options=tuple(a.dataset_option),
+        topk=a.topk,
+        exif=a.exif,
+        max_pixels=a.max_pixels or None,
+    )
+    return cfg.replace(**explicit) if explicit else cfg
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:

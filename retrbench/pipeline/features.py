@@ -1,16 +1,16 @@
-"""The one place where the stages meet: dataset -> backbone -> extraction -> whitening ->
-search -> rerank -> evaluation -> tidy results. The CLI and notebooks both call :func:`run`.
+"""The extraction half of the pipeline: dataset + backbones -> cached descriptors.
 
-Every stage is built from the registries before anything is extracted (:func:`check_config`),
-so a misspelt pooling or reranker fails in a second instead of after the extraction.
+:func:`dataset_features` extracts (or reads from the cache) one model's database and query
+descriptors of one dataset; :func:`extract_features` does it for every model of a run
+configuration (an ensemble concatenates them) and for its whitening source.
 """
+
 
 from __future__ import annotations
 
 import copy
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,41 +19,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._version import __version__
-from .backbones import BACKBONES, Backbone
-from .config import DEFAULT_MAX_PIXELS, RunConfig, config_id, parse_hw
-from .datasets import DATASETS, dataset_label, default_image_size, default_resize, load_dataset
-from .evaluation import PROTOCOLS, evaluate, per_query_ap
-from .extraction import CACHE_FORMAT, FeatureCache, ImageSpec
-from .extraction import extract as extract_set
-from .pooling import POOLINGS, Pooling, parse_pooling, pooling_label
-from .rerank import RankState, build_reranker, clamp_notes, pipeline_label
-from .results import RunResult, append_results, check_results_dir, tidy_rows
-from .search import search
-from .specs import ModelRef, Step
-from .types import RetrievalDataset
-from .utils.io import stable_hash
-from .utils.linalg import l2_normalize
-from .utils.paths import default_cache_root, safe_name
-from .whitening import postprocess
+from ..backbones import BACKBONES, Backbone
+from ..config import DEFAULT_MAX_PIXELS, RunConfig, parse_hw
+from ..datasets import DATASETS, dataset_label, default_image_size, default_resize, load_dataset
+from ..evaluation import PROTOCOLS
+from ..extraction import CACHE_FORMAT, FeatureCache, ImageSpec
+from ..extraction import extract as extract_set
+from ..pooling import POOLINGS, Pooling, parse_pooling, pooling_label
+from ..rerank import RankState, build_reranker, pipeline_label
+from ..specs import ModelRef, Step
+from ..types import RetrievalDataset
+from ..utils.io import stable_hash
+from ..utils.linalg import l2_normalize
+from ..utils.paths import default_cache_root, safe_name
 
-__all__ = ["DatasetFeatures", "Evaluation", "WhiteningNote", "check_config", "dataset_features", "evaluate_features", "extract_features", "run"]
+__all__ = ["BN_SEED", "DatasetFeatures", "check_config", "dataset_features", "extract_features"]
 
 log = logging.getLogger(__name__)
 
 BN_SEED = 0  # seed of the image sample used for BatchNorm re-calibration
-
-
-class WhiteningNote(UserWarning):
-    """Warned when the whitening dimension had to be capped (see ``RunResult.info['whitening']``)."""
-
-
-def _ranking_length(n_database: int, protocol: str, topk: int | None) -> int:
-    if topk is not None:
-        return min(topk, n_database)
-    if protocol == "gldv2":
-        return min(100, n_database)
-    return n_database if n_database <= 100_000 else 1000
 
 
 class _NativeDescriptor(torch.nn.Module):
@@ -141,6 +125,7 @@ def dataset_features(
     device: str = "auto",
     workers: int = 2,
     bn_recalibrate: int = 0,
+    bn_momentum: float | None = None,
     exif: bool | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     cache_dir: Path | None = None,
@@ -183,6 +168,8 @@ def dataset_features(
         common["feature_map_size"] = feature_map_size
     if bn_recalibrate:
         common["bn_recalibrate"] = {"n": int(bn_recalibrate), "seed": BN_SEED}
+        if bn_momentum is not None:
+            common["bn_recalibrate"]["momentum"] = float(bn_momentum)
     root = Path(ds.root)
     db_specs = [ImageSpec(root / p, None, image_size, **image) for p in ds.images]
     # A whole-image query that is also a database image (UKBench, COIL-20, folder datasets)
@@ -207,12 +194,12 @@ def dataset_features(
 
     info: dict[str, Any] = {"extract_s": 0.0, "cache_hits": 0, "bn_recalibrate_s": 0.0}
     if bn_recalibrate and any(specs and not cache.complete for _, specs, cache in jobs):
-        from .backbones.bn import recalibrate_on_images, recalibration_specs
+        from ..backbones.bn import recalibrate_on_images, recalibration_specs
 
         t0 = time.perf_counter()
         backbone = copy.deepcopy(backbone)
         recal = recalibration_specs(ds.images, bn_recalibrate, BN_SEED, size=image_size, root=root, exif=exif, max_pixels=max_pixels)
-        recalibrate_on_images(backbone, recal, backbone.info.mean, backbone.info.std, batch_size, device, workers=workers)
+        recalibrate_on_images(backbone, recal, backbone.info.mean, backbone.info.std, batch_size, device, workers=workers, momentum=bn_momentum)
         info["bn_recalibrate_s"] = time.perf_counter() - t0
     net = _feature_stage(backbone, pool)
     if feature_map_size:
@@ -334,6 +321,7 @@ def extract_features(
             device=cfg.device,
             workers=cfg.workers,
             bn_recalibrate=cfg.bn_recalibrate,
+            bn_momentum=cfg.bn_momentum,
             exif=cfg.exif,
             max_pixels=cfg.max_pixels,
             progress=progress,
@@ -357,139 +345,3 @@ def extract_features(
         train = np.hstack([l2_normalize(x) for x in parts_train]) if parts_train else None
     return DatasetFeatures(db, q, train, ds, built, sizes, info)
 
-
-@dataclass
-class Evaluation:
-    """What :func:`evaluate_features` computes from descriptors.
-
-    Attributes:
-        result: the final ranking, ``(Q, K)`` scores and database indices, best first.
-        metrics: the protocol's metrics.
-        query_ap: per split, ``(Q,)`` AP of each query (fractions; NaN without positives).
-        whitening: dimension used, cap and note (see :func:`~retrbench.whitening.postprocess`).
-        rerank_notes: clamps of rerank parameters to the database size.
-        timings: seconds of post-processing, search and reranking.
-    """
-
-    result: Any
-    metrics: list[Any]
-    query_ap: dict[str, np.ndarray]
-    whitening: dict[str, Any]
-    rerank_notes: list[str]
-    timings: dict[str, float]
-
-
-def evaluate_features(
-    database: np.ndarray,
-    queries: np.ndarray,
-    gnd: Any,
-    protocol: str,
-    *,
-    whiten: int | None = None,
-    train: np.ndarray | None = None,
-    rerank: str | Any = "none",
-    topk: int | None = None,
-    postprocess_fn: Callable[..., tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
-    label: str = "",
-) -> Evaluation:
-    """L2 -> (PCA-whitening -> L2) -> exact search -> rerank -> metrics, on descriptors from any
-    source: ``database`` ``(N, D)`` and ``queries`` ``(Q, D)`` with the ground truth ``gnd``
-    (``Q`` per-query dicts) of ``protocol``. ``run`` calls exactly this after extraction.
-
-    ``whiten`` learns PCA-whitening on ``train`` (default: the database); ``rerank`` is a
-    rerank spec; ``topk`` truncates the ranking (default: the protocol's rule). A capped
-    whitening dimension is warned (:class:`WhiteningNote`) and logged, prefixed by ``label``.
-    """
-    reranker = build_reranker(rerank)
-    PROTOCOLS.get(protocol)
-    n = int(np.shape(database)[0])
-    t0 = time.perf_counter()
-    dbw, qw, winfo = (postprocess_fn or postprocess)(database, queries, whiten, train)
-    t_post = time.perf_counter() - t0
-    if winfo.get("note"):
-        log.warning("%s%s", f"{label}: " if label else "", winfo["note"])
-        warnings.warn(f"{label}: {winfo['note']}" if label else winfo["note"], WhiteningNote, stacklevel=3)
-
-    t0 = time.perf_counter()
-    result = search(qw, dbw, k=_ranking_length(dbw.shape[0], protocol, topk))
-    t_search = time.perf_counter() - t0
-    notes = clamp_notes(rerank, dbw.shape[0])
-    for note in notes:
-        log.warning("%s%s", f"{label}: " if label else "", note)
-    t0 = time.perf_counter()
-    result = reranker(RankState(qw, dbw, result)).result
-    t_rerank = time.perf_counter() - t0
-    metrics = evaluate(result.indices, gnd, protocol, n_database=n)
-    query_ap = per_query_ap(result.indices, gnd, protocol, n_database=n)
-    return Evaluation(result, metrics, query_ap, winfo, notes, {"postprocess_s": t_post, "search_s": t_search, "rerank_s": t_rerank})
-
-
-def run(
-    config: RunConfig | None = None,
-    *,
-    results_dir: str | Path | None = "results",
-    progress: bool = False,
-    backbones: dict[tuple[str, str | None], Backbone] | None = None,
-    postprocess_fn: Callable[..., tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
-    **overrides: Any,
-) -> RunResult:
-    """Run one benchmark and return its metrics: :func:`extract_features`, then
-    :func:`evaluate_features`, then tidy rows.
-
-    ``rb.run(model="efficientnet_lite0", dataset="demo", pooling="rmac", whiten=None)`` is the
-    same as ``retrbench run --model ... --dataset ...``. Keyword overrides replace fields of
-    ``config`` (default :class:`RunConfig`). Tidy rows are appended to
-    ``<results_dir>/results.jsonl`` (default ``results/``, as the CLI; ``None`` skips);
-    the folder is checked before any work.
-
-    A model spec ``a+b`` is an ensemble: each model's descriptors are L2-normalised and
-    concatenated, then post-processed together (PCA-whitening reduces the concatenation, as
-    the paper does). ``backbones`` is an optional memo of built models, shared across calls
-    (sweeps use it so that a model is loaded once). ``postprocess_fn`` replaces
-    :func:`~retrbench.whitening.postprocess` (sweeps pass a memo that fits each PCA once).
-
-    A whitening dimension capped to what the training set allows is reported with a
-    :class:`WhiteningNote` warning (and logged), so notebooks see it too.
-    """
-    cfg = (config or RunConfig()).replace(**overrides) if overrides else (config or RunConfig())
-    plan = check_config(cfg)
-    if results_dir is not None:
-        check_results_dir(results_dir)
-    t_start = time.perf_counter()
-    feats = extract_features(cfg, progress=progress, backbones=backbones, plan=plan)
-    ds = feats.dataset
-    ev = evaluate_features(
-        feats.database,
-        feats.queries,
-        ds.gnd,
-        ds.protocol,
-        whiten=cfg.whiten,
-        train=feats.train,
-        rerank=cfg.rerank,
-        topk=cfg.topk,
-        postprocess_fn=postprocess_fn,
-        label=f"{cfg.model} on {cfg.dataset}",
-    )
-    database_ids, query_ids = _image_ids(ds)
-    provenance = {
-        "config_id": config_id(cfg),
-        **_labels(cfg, feats.backbones, ds),
-        "weights_sha256": "+".join(b.weights_id for b in feats.backbones),
-        "image_size_used": feats.image_sizes[0] if len(set(feats.image_sizes)) == 1 else "+".join(map(str, feats.image_sizes)),
-        "exif_orientation": ds.exif_orientation if cfg.exif is None else cfg.exif,
-        "resize_used": cfg.resize or default_resize(cfg.dataset),
-        "dim": int(ev.whitening["dim"]),
-        "n_database": len(ds.images),
-        "n_queries": len(ds.queries),
-        "ranking_length": int(ev.result.k),
-        "whitening": ev.whitening,
-        "rerank_notes": ev.rerank_notes,
-        "dataset_notes": dict(ds.notes),
-        "retrbench_version": __version__,
-    }
-    rows = tidy_rows(cfg, ev.metrics, protocol=ds.protocol, provenance=provenance)
-    info = dict(feats.info)
-    info.update(ev.timings, total_s=time.perf_counter() - t_start, whitening=ev.whitening, dataset_notes=dict(ds.notes))
-    if results_dir is not None:
-        info["results_file"] = str(append_results(rows, results_dir))
-    return RunResult(cfg, rows, info, ev.result, query_ids=tuple(query_ids), database_ids=tuple(database_ids), query_ap=ev.query_ap)
