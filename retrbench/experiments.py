@@ -97,9 +97,11 @@ def relabel(rows: list[dict[str, Any]], labels: tuple[tuple[str, tuple[tuple[str
     return out
 
 
-def _whiten_value(v: Any) -> int | None:
+def _whiten_value(v: Any) -> int | str | None:
     if v is None or (isinstance(v, str) and v.strip().lower() in _TRUE_DIM):
         return None
+    if isinstance(v, str) and (v.strip() == "shipped" or v.strip().startswith("shipped:")):
+        return v.strip()
     if isinstance(v, bool):
         raise ValueError(f"whiten: expected a dimension or none, got {v!r}")
     try:
@@ -407,8 +409,8 @@ def plan(experiment: str | Path | Mapping[str, Any] | Experiment, *, results_dir
         cid = config_id(c)
         d = c.to_dict()
         other = "; ".join(f"{k}={v}" for k, v in d.items() if k not in shown and v != default[k])
-        size = c.image_size or default_image_size(c.dataset)
         resize = c.resize or default_resize(c.dataset)
+        size = resize.partition(":")[2] if resize.startswith("fixed:") else (c.image_size or default_image_size(c.dataset))
         rows.append(
             {"model": c.model, "dataset": c.dataset, "pooling": str(c.pooling), "whiten": c.whiten, "rerank": str(c.rerank),
              "image_size": size, "resize": resize, "settings": other, "config_id": cid, "done": cid in done}

@@ -98,10 +98,17 @@ def test_fixed_keys_follow_runconfig():
 def test_shipped_experiment_files():
     t1 = load_experiment(ROOT / "benchmarks" / "table1.yaml")
     assert [d for d in t1.datasets] == ["oxford5k", "paris6k", "instre"]
-    assert tuple(map(str, t1.rerank)) == ("none", "aqe", "dfs", "dba", "aqe+dfs", "dba+aqe", "dba+dfs", "dba+aqe+dfs")
+    # Table 1's DFS is Yang et al.'s offline diffusion, labelled "DFS" in the tables
+    assert [s.names for s in t1.rerank] == [(), ("aqe",), ("dfs-offline",), ("dba",), ("aqe", "dfs-offline"), ("dba", "aqe"), ("dba", "dfs-offline"), ("dba", "aqe", "dfs-offline")]
+    assert t1.labels == (("rerank", (("DFS (offline)", "DFS"),)),)
     assert len(t1.models) == 13 and len(t1.cells()) == 13 * 3 * 8
-    assert {str(c.pooling) for c in t1.cells() if c.model == "gem_ap_r101"} == {"gem"}
-    assert {c.bn_recalibrate for c in t1.cells()} == {100000}  # every database image, as the paper
+    gem_ap = [c for c in t1.cells() if c.model == "gem_ap_r101"]
+    assert {(str(c.pooling), c.whiten) for c in gem_ap} == {("native", "shipped")}  # its own head and PCA
+    # the paper's settings (preset icmr21): fixed resolution, R-MAC, 512-d, BatchNorm by train() passes
+    others = [c for c in t1.cells() if c.model != "gem_ap_r101"]
+    assert {(c.resize, str(c.pooling), c.whiten, c.bn_momentum) for c in others} == {("fixed:224x224", "rmac", 512, 0.1)}
+    assert {c.bn_recalibrate for c in t1.cells()} == {1_000_000_000}  # every database image
+    assert {c.feature_map_size for c in t1.cells() if "amdim" in c.model} == {"7x7"}
     from retrbench.experiments import _validate
 
     for exp in (t1,):
@@ -225,3 +232,15 @@ def test_sweep_cli(tiny_folder, tmp_path, capsys):
     assert main(["sweep", str(f)]) == 0
     assert "2 already done, 0 run" in capsys.readouterr().err
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_relabel_replaces_whole_label_parts():
+    from retrbench.experiments import relabel
+
+    rows = [{"rerank_label": "G+DBA+DFS (offline)", "model_label": "X"}, {"rerank_label": "G"}]
+    out = relabel(rows, (("rerank", (("DFS (offline)", "DFS"),)),))
+    assert [r["rerank_label"] for r in out] == ["G+DBA+DFS", "G"] and rows[0]["rerank_label"] == "G+DBA+DFS (offline)"
+    with pytest.raises(ValueError, match="unknown key"):
+        Experiment.from_dict({"models": ["m"], "datasets": ["demo"], "labels": {"colour": {}}})
+    with pytest.raises(ValueError, match="unknown preset 'icmr2'; did you mean 'icmr21'"):
+        Experiment.from_dict({"models": ["m"], "datasets": ["demo"], "preset": "icmr2"})
