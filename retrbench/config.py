@@ -150,6 +150,8 @@ class RunConfig:
             or ``dba+aqe:k=5`` is parsed on construction).
         batch_size: images per forward pass (images of equal size are batched together).
         device: ``auto`` (GPU when present), ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: the network's precision: ``float32`` (default), ``float16`` or ``bfloat16``
+            (``torch.autocast``; float16 needs a GPU); pooling and descriptors stay float32.
         workers: image-decoding worker processes (0 decodes in the main process).
         bn_recalibrate: before extraction, re-estimate BatchNorm statistics on this many
             database images (training-mode forward passes, cumulative average), as the paper
@@ -187,6 +189,7 @@ class RunConfig:
     rerank: Pipeline = Pipeline()
     batch_size: int = 8
     device: str = "auto"
+    dtype: str = "float32"
     workers: int = 2
     bn_recalibrate: int = 0
     bn_momentum: float | None = None
@@ -223,6 +226,8 @@ class RunConfig:
         if self.topk is not None and self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         object.__setattr__(self, "dataset_options", tuple((str(k), v) for k, v in dict(self.dataset_options).items()))
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if self.bn_momentum is not None and not (0 < float(self.bn_momentum) <= 1):
             raise ValueError(f"bn_momentum must be in (0, 1] or None (cumulative average), got {self.bn_momentum!r}")
         if self.bn_recalibrate < 0:

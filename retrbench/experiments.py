@@ -25,7 +25,7 @@ so a model is loaded once and each (model, dataset, image size, pooling) is extr
 skipped, so a finished sweep re-runs in seconds and an interrupted one resumes where it stopped.
 
 PCA-whitening dimensions are nested: whitening to ``d`` keeps the first ``d`` whitened components.
-:class:`WhiteningMemo` (a drop-in for :func:`retrbench.whitening.postprocess`) fits the PCA once
+:class:`~retrbench.whitening.WhiteningMemo` (a drop-in for :func:`retrbench.whitening.postprocess`) fits the PCA once
 per training set and truncates it for each dimension, and hands the same arrays to every rerank
 variant of a cell, so the rerankers' database-side cache (kNN graphs, DBA) is shared too. The
 sweep passes it to ``pipeline.run`` as ``postprocess_fn``.
@@ -33,23 +33,20 @@ sweep passes it to ``pipeline.run`` as ``postprocess_fn``.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import time
 import warnings
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from .config import RunConfig, apply_preset, check_keys, config_id
 from .specs import Pipeline, Step, parse_pipeline, parse_step
-from .whitening import PCAWhitening, l2_normalize, postprocess
+from .whitening import WhiteningMemo
 
 __all__ = ["Experiment", "ModelEntry", "WhiteningMemo", "config_id", "load_experiment", "plan", "sweep"]
 
@@ -282,96 +279,6 @@ def _validate(cells: list[RunConfig]) -> None:
         if key not in seen:
             seen.add(key)
             check_config(c)
-
-
-# ------------------------------------------------------------------------------ whitening memo
-
-
-def _digest(a: np.ndarray) -> str:
-    arr = np.ascontiguousarray(a)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(memoryview(arr).cast("B"))
-    return h.hexdigest()
-
-
-@dataclass
-class _Fit:
-    """A PCA-whitening fitted with every available component (``dim=None``)."""
-
-    full: PCAWhitening
-    train_size: int
-
-
-class WhiteningMemo:
-    """:func:`retrbench.whitening.postprocess` that fits the PCA once per training set.
-
-    Same call and results as ``postprocess(db, queries, whiten, train)``. The full PCA of a
-    training set (the L2-normalised database, or ``train``) is kept and truncated for each
-    requested dimension; a repeated call with the same arrays (by content) and dimension
-    returns the same (read-only) output arrays, so rerankers' database caches, keyed by array
-    identity, are reused across rerank variants.
-
-    Args:
-        max_fits: fitted training sets kept (least recently used dropped).
-        max_results: post-processed (database, queries) pairs kept.
-
-    Attributes:
-        fits: PCA fits computed; ``hits``: calls answered from memory.
-    """
-
-    def __init__(self, max_fits: int = 2, max_results: int = 4) -> None:
-        self.max_fits = max_fits
-        self.max_results = max_results
-        self._fits: OrderedDict[str, _Fit] = OrderedDict()
-        self._results: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, dict[str, Any]]] = OrderedDict()
-        self.fits = 0
-        self.hits = 0
-
-    def _remember(self, store: OrderedDict, key: Any, value: Any, limit: int) -> None:
-        store[key] = value
-        store.move_to_end(key)
-        while len(store) > limit:
-            store.popitem(last=False)
-
-    def __call__(
-        self,
-        db: np.ndarray,
-        queries: np.ndarray,
-        whiten: int | None,
-        train: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        kdb, kq = _digest(db), _digest(queries)
-        ktrain = None if train is None else _digest(train)
-        key = (kdb, kq, ktrain, whiten)
-        if key in self._results:
-            self.hits += 1
-            self._results.move_to_end(key)
-            d, q, info = self._results[key]
-            return d, q, dict(info)
-        if whiten is None:
-            d, q, info = postprocess(db, queries, None)
-        else:
-            fkey = kdb if train is None else ktrain
-            fkey = f"{'db' if train is None else 'train'}:{fkey}"
-            if fkey not in self._fits:
-                t = l2_normalize(np.asarray(db if train is None else train))
-                self._remember(self._fits, fkey, _Fit(PCAWhitening(dim=None).fit(t), t.shape[0]), self.max_fits)
-                self.fits += 1
-            else:
-                self._fits.move_to_end(fkey)
-            fit = self._fits[fkey]
-            d0, q0 = l2_normalize(np.asarray(db)), l2_normalize(np.asarray(queries))
-            if d0.shape[1] != q0.shape[1] or d0.shape[1] != fit.full.n_features_in_:
-                # let postprocess raise its own message
-                return postprocess(db, queries, whiten, train)
-            pw = fit.full.truncate(whiten)
-            d, q = pw.transform(d0), pw.transform(q0)
-            info = {"requested_dim": whiten, "dim": pw.n_components_, "capped": pw.capped_, "note": pw.note_, "train_size": fit.train_size}
-        for a in (d, q):
-            a.flags.writeable = False
-        self._remember(self._results, key, (d, q, info), self.max_results)
-        return d, q, dict(info)
 
 
 # ----------------------------------------------------------------------------------------- sweep

@@ -1,9 +1,14 @@
-"""Backbones: networks that return their last-convolution feature map, built by one registry.
+"""Backbones: networks that return a ``(B, C, h, w)`` feature map, built by one registry.
+
+Convolutional networks give their last-convolution map; vision transformers (DINOv2, DINO,
+MoCo v3, CLIP, timm / open_clip token models) their patch tokens after the final norm, laid out
+on the patch grid, with the class token (or the model's own embedding) as ``native``
+(:mod:`retrbench.backbones.vit`). ``BackboneInfo.patch_size`` / ``input_rule`` say which.
 
 ``BACKBONES.create(name, weights=None, pretrained=True)`` builds a registry entry
-(``BACKBONES.list()``: ``resnet50``, ``simclr2x``, ``amdim``, ``gem_ap_r101`` ...) or a resolved
-name (``timm:NAME``, ``hf-hub:ORG/REPO``, ``hub:REPO:ENTRY``); a weights file given as the
-model is refused with a message saying to pass it as ``weights``.
+(``BACKBONES.list()``: ``resnet50``, ``simclr2x``, ``amdim``, ``gem_ap_r101``, ``dinov2_vitb14`` ...)
+or a resolved name (``timm:NAME``, ``hf-hub:ORG/REPO``, ``hub:REPO:ENTRY``, ``open_clip:ARCH:TAG``);
+a weights file given as the model is refused with a message saying to pass it as ``weights``.
 
 Adding a backbone: one module that registers its factory with a :class:`BackboneInfo`
 (``label``, ``order``, ``help``, channels, stride, normalisation, weights source) and one

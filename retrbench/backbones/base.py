@@ -1,4 +1,4 @@
-"""The backbone registry: every model gives its unpooled last-convolution feature map.
+"""The backbone registry: every model gives an unpooled feature map (last convolution, or patch tokens).
 
 :data:`BACKBONES` builds registry entries (``resnet50``, ``amdim``, ...) and, through the
 resolvers of :mod:`retrbench.backbones.external`, ``timm:NAME``, ``hf-hub:ORG/REPO`` and

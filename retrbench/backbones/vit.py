@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.checkpoint import CheckpointError, weights_digest
+from ..utils.paths import weights_cache_dir
 from .base import (
     INPUT_RESIZE_TO_PATCHES,
     Backbone,
@@ -49,7 +50,6 @@ from .base import (
     finish,
     new_network,
     refuse_weights_with_random,
-    seeded,
 )
 from .weights import load_into, resolve_weights
 
@@ -64,6 +64,7 @@ __all__ = [
     "fit_to_patches",
     "mlp_ratio_for",
     "patch_grid",
+    "random_vit",
     "token_info",
     "tokens_to_map",
     "torch_hub_file",
@@ -323,7 +324,40 @@ def weights_path(info: BackboneInfo, weights: str | Path | None, how_to_get: str
         found = info.find_local()
         if found is not None:
             return found
-    return resolve_weights(info, weights, how_to_get=how_to_get)
+    try:
+        return resolve_weights(info, weights, how_to_get=how_to_get)
+    except OSError as e:
+        if weights is not None or not info.url or isinstance(e, FileNotFoundError):
+            raise
+        raise RuntimeError(
+            f"could not download {info.url} ({type(e).__name__}: {e}). Without network access, download it on "
+            f"another machine and put it at {weights_cache_dir() / (info.weights_file or '')} (or set RETRBENCH_CACHE), "
+            f"or pass its path with --weights PATH (weights=PATH in Python)."
+        ) from e
+
+
+def random_vit(make_vit: Callable[[], nn.Module], std: float = 0.02) -> nn.Module:
+    """``make_vit()`` with seeded random values, the same every time, without timm's (slow) init.
+
+    Built on the meta device, then filled from a generator seeded to 0: LayerNorm weights 1 and
+    biases 0, LayerScale ``gamma`` 1, other biases 0, every other tensor (linear and patch
+    weights, class / register tokens, position embeddings) ``N(0, std^2)``, timm's scale. Seconds
+    for ViT-L where timm's truncated-normal init takes ~10 s on CPU.
+    """
+    if torch.empty(0).is_meta:  # built under torch.device("meta") (e.g. to count parameters): nothing to fill
+        return make_vit()
+    net = new_network(make_vit, pretrained=True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in net.modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if isinstance(module, nn.LayerNorm) or pname == "gamma":
+                    p.fill_(1.0 if pname in ("weight", "gamma") else 0.0)
+                elif pname == "bias":
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=g)
+    return net
 
 
 def build_token_backbone(
@@ -344,7 +378,7 @@ def build_token_backbone(
     """
     if not pretrained:
         refuse_weights_with_random(weights)
-        return finish(TokenViT(seeded(make_vit), rule), info, name, "random-init", cls=TokenBackbone)
+        return finish(TokenViT(random_vit(make_vit), rule), info, name, "random-init", cls=TokenBackbone)
     path = weights_path(info, weights, how_to_get)
     vit = new_network(make_vit, pretrained=True)
     load_into(vit, read(path, vit), path)

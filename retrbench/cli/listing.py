@@ -34,6 +34,7 @@ def cmd_models(a: argparse.Namespace) -> int:
                 "aliases": ", ".join(e.aliases),
                 "channels": info.channels,
                 "stride": info.stride,
+                "patch": getattr(info, "patch_size", None) or "",
                 "size": info.default_size,
                 "weights": info.weights_source,
                 "weights here": here,

@@ -71,6 +71,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bn-momentum", type=float, default=None, metavar="M", help=h["bn_momentum"])
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=h["batch_size"] + " (default %(default)s)")
     p.add_argument("--device", default=d.device, help=h["device"])
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=d.dtype, help=h["dtype"])
     p.add_argument("--workers", type=int, default=d.workers, help=h["workers"] + " (default %(default)s)")
     p.add_argument("--dataset-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help=h["dataset_options"] + " (repeatable)")
     p.add_argument("--topk", type=int, default=None, help=h["topk"])
@@ -125,6 +126,7 @@ def _build(a: argparse.Namespace, RunConfig: Any) -> Any:  # noqa: N803
         bn_recalibrate=a.bn_recalibrate,
         bn_momentum=a.bn_momentum,
         device=a.device,
+        dtype=a.dtype,
         workers=a.workers,
         allow_missing=a.allow_missing,
         dataset_options=tuple(a.dataset_option),

@@ -121,6 +121,7 @@ def dataset_features(
     scales: tuple[float, ...] = (1.0,),
     scale_mean: str = "gem",
     feature_map_size: str | None = None,
+    dtype: str = "float32",
     batch_size: int = 8,
     device: str = "auto",
     workers: int = 2,
@@ -166,6 +167,8 @@ def dataset_features(
         common["scales"] = {"scales": list(scales), "power": power}
     if feature_map_size:
         common["feature_map_size"] = feature_map_size
+    if dtype != "float32":
+        common["dtype"] = dtype
     if bn_recalibrate:
         common["bn_recalibrate"] = {"n": int(bn_recalibrate), "seed": BN_SEED}
         if bn_momentum is not None:
@@ -229,6 +232,7 @@ def dataset_features(
             desc=f"{backbone.name} on {ds.name} {role}",
             scales=scales,
             scale_power=power,
+            dtype=dtype,
         )
         info["extract_s"] += time.perf_counter() - t0
         info["cache_hits"] += int(hit)
@@ -257,6 +261,10 @@ def _labels(cfg: RunConfig, backbones: list[Backbone], ds: RetrievalDataset) -> 
         "pooling_label": pooling_label(cfg.pooling),
         "dataset_label": dataset_label(cfg.dataset),
         "rerank_label": pipeline_label(cfg.rerank),
+        # what the network really sees (token models resize to a multiple of their patch)
+        "input_rule": "+".join(getattr(b.info, "input_rule", "any") for b in backbones),
+        "patch_size": "+".join(str(getattr(b.info, "patch_size", None) or "") for b in backbones) or None,
+        **({"native_descriptor": "+".join(getattr(b.info, "native_descriptor", "") for b in backbones)} if POOLINGS.get(cfg.pooling.name).info.native else {}),
     }
 
 
@@ -317,6 +325,7 @@ def extract_features(
             scales=cfg.scales,
             scale_mean=cfg.scale_mean,
             feature_map_size=cfg.feature_map_size,
+            dtype=cfg.dtype,
             batch_size=cfg.batch_size,
             device=cfg.device,
             workers=cfg.workers,

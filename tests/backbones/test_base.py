@@ -56,3 +56,17 @@ def test_local_weights_looks_in_the_cache(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "weights" / file).write_bytes(b"x")
     assert local_weights("moco-v1") == tmp_path / "weights" / file
     assert local_weights("random") is None  # no weights file at all
+
+
+def test_token_fields_default_to_a_convolutional_network() -> None:
+    from retrbench.backbones.base import INPUT_ANY, INPUT_RESIZE_TO_PATCHES
+
+    info = BackboneInfo(16, 4, (0.5,) * 3, (0.5,) * 3)
+    assert (info.patch_size, info.input_rule, info.native_descriptor) == (None, INPUT_ANY, "")
+    vit = dataclasses.replace(info, patch_size=14, input_rule=INPUT_RESIZE_TO_PATCHES, native_descriptor="class token")
+    assert vit != info and vit.patch_size == 14
+    for name in BACKBONES.list():  # registry entries state their rule; token models say what native gives
+        e = BACKBONES.get(name).info
+        assert e.input_rule in (INPUT_ANY, INPUT_RESIZE_TO_PATCHES)
+        assert (e.patch_size is None) == (e.input_rule == INPUT_ANY)
+        assert e.patch_size is None or (e.native_descriptor and e.stride == e.patch_size)

@@ -18,7 +18,14 @@ import pytest
 import torch
 
 from retrbench.backbones import BACKBONES
-from retrbench.backbones.clip import CLIP_INFO, CLIP_SPECS, build_clip, clip_visual_layout, make_clip_vit, read_torchscript_tensors
+from retrbench.backbones.clip import (
+    CLIP_INFO,
+    CLIP_SPECS,
+    build_clip,
+    clip_visual_layout,
+    make_clip_vit,
+    read_torchscript_tensors,
+)
 from retrbench.utils.checkpoint import CheckpointError
 from retrbench.utils.io import sha256_file
 
@@ -138,7 +145,7 @@ def test_timm_architecture_matches_the_layout() -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     for name, spec in CLIP_SPECS.items():
-        vit = on_meta(lambda: make_clip_vit(spec))
+        vit = on_meta(lambda s=spec: make_clip_vit(s))
         lay = clip_visual_layout(spec)
         sd = checkpoint_filter_fn({k: torch.empty(s, device="meta") for k, s in lay.items()}, vit)
         assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in vit.state_dict().items()}, name

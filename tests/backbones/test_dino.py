@@ -47,7 +47,7 @@ def test_full_size_layout_is_upstreams(name: str) -> None:
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, RefViT, int | None]]:
     out = {}
     for i, (name, depth) in enumerate([("dino_vits16", None), ("dino_vitb16", 2)]):
-        ref = on_meta(lambda: reference(name, depth))
+        ref = on_meta(lambda n=name, d=depth: reference(n, d))
         sd = random_like(ref.state_dict(), seed=10 + i)
         ref.load_state_dict(sd, strict=True, assign=True)
         path = tmp_path_factory.mktemp(name) / DINO_INFO[name].weights_file

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from retrbench.backbones import BACKBONES, TokenBackbone
-from retrbench.backbones.dinov2 import DINOV2_INFO, DINOV2_SPECS, DinoV2Spec, build_dinov2, dinov2_layout, make_dinov2_vit
+from retrbench.backbones.dinov2 import (
+    DINOV2_INFO,
+    DINOV2_SPECS,
+    DinoV2Spec,
+    build_dinov2,
+    dinov2_layout,
+    make_dinov2_vit,
+)
 from retrbench.backbones.vit import DINO_RULE, SIZE_RULE
 from retrbench.utils.checkpoint import CheckpointError
 from retrbench.utils.io import sha256_file

@@ -33,7 +33,7 @@ def _strided(shape: tuple[int, ...], offset: int) -> torch.Tensor:
 def _mlp(prefix: str, dims: list[int], last_bn: bool, offset: int) -> dict[str, torch.Tensor]:
     """MoCo v3's ``_build_mlp`` state dict: Linear(no bias) / BatchNorm1d / ReLU, last BN without affine."""
     out, i = {}, 0
-    for layer, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for layer, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         out[f"{prefix}{i}.weight"] = _strided((b, a), offset + layer)
         last = layer == len(dims) - 2
         if not last or last_bn:

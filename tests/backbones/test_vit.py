@@ -121,3 +121,38 @@ def test_torch_hub_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     (tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth").write_bytes(b"x")
     assert find() == tmp_path / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_token_backbone_under_autocast_on_gpu(dtype: torch.dtype) -> None:
+    """Half-precision autocast (the pipeline's --dtype) stays close to float32; the embedding step and the
+    position-embedding resampling stay in float32; channels-last (what extraction sets) changes nothing."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from retrbench.backbones import BACKBONES
+
+    bb = BACKBONES.create("dinov2_vits14_reg4", pretrained=False).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 101, 150, device="cuda")
+    with torch.no_grad():
+        ref_map, ref_cls = bb(x), bb.native(x)
+        with torch.autocast("cuda", dtype=dtype):
+            y, d = bb(x), bb.native(x)
+    assert y.shape == ref_map.shape and d.shape == ref_cls.shape
+    cos = F.cosine_similarity(d.float(), ref_cls, dim=1)
+    assert cos.min() > 0.99, cos
+    assert F.cosine_similarity(y.float().flatten(2), ref_map.flatten(2), dim=1).min() > 0.98
+
+
+def test_offline_download_failure_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    from retrbench.backbones import BACKBONES, weights
+
+    def offline(url, dest, sha256=None):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(weights, "download", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(RuntimeError, match=r"could not download https://dl\.fbaipublicfiles\.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain\.pth(.|\n)*dino_deitsmall16_pretrain\.pth(.|\n)*--weights PATH"):
+        BACKBONES.create("dino_vits16")
