@@ -120,3 +120,18 @@ def server() -> Iterator[http.server.ThreadingHTTPServer]:
         srv.shutdown()
         srv.server_close()
         thread.join(5)
+
+
+@pytest.fixture
+def without_h5py(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``import h5py`` fails inside the test, as on a machine without the ``h5`` extra."""
+    import builtins
+
+    real = builtins.__import__
+
+    def no_h5py(name: str, *a, **k):  # noqa: ANN002, ANN003
+        if name == "h5py":
+            raise ImportError("no h5py")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_h5py)

@@ -164,17 +164,7 @@ def test_bad_files_of_other_kinds(tmp_path, rng):
         load_descriptors(tmp_path / "nan.mat")
 
 
-def test_h5_without_h5py_is_a_clear_error(tmp_path, rng, monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_h5py(name, *a, **k):
-        if name == "h5py":
-            raise ImportError("no h5py")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_h5py)
+def test_h5_without_h5py_is_a_clear_error(tmp_path, rng, monkeypatch, without_h5py):
     with pytest.raises(RuntimeError, match=r"f\.h5: HDF5 files need h5py: pip install 'retrbench\[h5\]'"):
         _desc(rng).save(tmp_path / "f.h5")
 

@@ -171,17 +171,7 @@ def test_extract_writes_every_format(demo, tmp_path, capsys, suffix):
     assert _metrics(tmp_path / "a.json") == _metrics(tmp_path / "b.json")
 
 
-def test_h5_output_without_h5py_fails_before_extracting(tmp_path, capsys, monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_h5py(name, *a, **k):
-        if name == "h5py":
-            raise ImportError("no h5py")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_h5py)
+def test_h5_output_without_h5py_fails_before_extracting(tmp_path, capsys, monkeypatch, without_h5py):
     monkeypatch.setattr("retrbench.exchange.extract", lambda *a, **k: pytest.fail("extracted before checking --out"))
     assert main(["extract", *RUN, "--out", str(tmp_path / "f.h5")]) == 2
     assert "HDF5 files need h5py (pip install 'retrbench[h5]')" in capsys.readouterr().err
