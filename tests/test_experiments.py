@@ -11,9 +11,8 @@ from PIL import Image
 import retrbench.pipeline as pipeline
 from retrbench.config import RunConfig
 from retrbench.experiments import Experiment, config_id, load_experiment, plan, sweep
-from retrbench.whitening import WhiteningMemo
 from retrbench.results import load_results
-from retrbench.whitening import postprocess
+from retrbench.whitening import WhiteningMemo, postprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
