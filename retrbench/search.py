@@ -67,7 +67,9 @@ def _factory(index: str, dim: int) -> Any:
         return faiss.index_factory(dim, index, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1][-200:]
-        raise ValueError(f"index {index!r}: faiss cannot build it for {dim}-d inner-product search ({reason})") from None
+        raise ValueError(
+            f"index {index!r}: faiss cannot build it for {dim}-d inner-product search ({reason})"
+        ) from None
 
 
 def check_index(index: str | None, dim: int | None = None) -> str:
@@ -174,7 +176,9 @@ def search_index(
             idx.train(xt)
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[-1][-160:]
-            raise ValueError(f"index {text!r}: training on {n_train} vectors failed ({reason}); give a larger train_size") from None
+            raise ValueError(
+                f"index {text!r}: training on {n_train} vectors failed ({reason}); give a larger train_size"
+            ) from None
         del xt
     info["train_size"] = n_train
     info["train_s"] = time.perf_counter() - t0
@@ -195,7 +199,11 @@ def search_index(
     info["search_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     m = q.shape[0] if recall_queries is None else min(int(recall_queries), q.shape[0])
-    rows = np.sort(np.random.default_rng(seed).choice(q.shape[0], size=m, replace=False)) if m < q.shape[0] else np.arange(m)
+    rows = (
+        np.sort(np.random.default_rng(seed).choice(q.shape[0], size=m, replace=False))
+        if m < q.shape[0]
+        else np.arange(m)
+    )
     exact = search(q[rows], database, kk).indices
     ats = sorted({j for j in _RECALL_AT if j <= kk} | {kk})
     info["recall"] = {str(j): recall_at_k(ids[rows], exact, j) for j in ats}
@@ -216,7 +224,7 @@ def _seed_clustering(idx: Any, seed: int) -> None:
 
 def _order_ties(scores: np.ndarray, ids: np.ndarray) -> None:
     """In place: equal scores by increasing index, ``-1`` padding last (rows already sorted by score)."""
-    rows = np.flatnonzero((np.diff(scores, axis=1) == 0).any(axis=1))
+    rows = np.flatnonzero((scores[:, 1:] == scores[:, :-1]).any(axis=1))
     if rows.size == 0:
         return
     s, i = scores[rows], ids[rows]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..types import Metric
-from ..utils.linalg import DatabaseScores, InnerProductScores
+from ..utils.linalg import DatabaseScores, InnerProductScores, single_threaded_blas
 from .core import Gnd, _check_kappas, _Labels, _Sets, _sorted_distinct, check_gnd_range
 from .protocols import LABELLED, PROTOCOLS, evaluate, per_query_ap
 
@@ -83,11 +83,17 @@ def full_ranking_positions(
     Returns:
         ``(P,)`` int64 positions, as a stable sort of the scores would place the items.
     """
-    nq, n = scores.n_queries, scores.n_database
+    n = scores.n_database
     rows = np.asarray(rows, dtype=np.int64)
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         raise ValueError(f"full_ranking_positions: ids must be database indices below {n}")
+    with single_threaded_blas():  # small block products: one BLAS thread is faster (see linalg)
+        return _positions(scores, rows, ids, progress)
+
+
+def _positions(scores: DatabaseScores, rows: np.ndarray, ids: np.ndarray, progress: bool) -> np.ndarray:
+    nq = scores.n_queries
     ib = scores.index_bits()
     blocks = list(scores.blocks())
     starts = np.array([lo for lo, _ in blocks], dtype=np.int64)
@@ -118,7 +124,9 @@ def full_ranking_positions(
             kb = kb[kb > t[0]]  # keys below every labelled key count for none
             if kb.size:
                 m = t.size
-                hist[hist_off[q] : hist_off[q] + m + 1] += np.bincount(np.searchsorted(t, kb, side="left"), minlength=m + 1)
+                hist[hist_off[q] : hist_off[q] + m + 1] += np.bincount(
+                    np.searchsorted(t, kb, side="left"), minlength=m + 1
+                )
     # an item at sorted place j (within its query) is preceded by the keys counted in bins > j
     pos_sorted = np.empty(ids.size, np.int64)
     for q in range(nq):
@@ -171,7 +179,9 @@ def exact_evaluation(
     """
     entry = PROTOCOLS.get(protocol)
     if isinstance(gnd, Mapping):
-        raise ValueError("gnd: expected a sequence of per-query dicts; for a loaded gnd_*.pkl pass data['gnd'] or use gnd_from_pickle")
+        raise ValueError(
+            "gnd: expected a sequence of per-query dicts; for a loaded gnd_*.pkl pass data['gnd'] or use gnd_from_pickle"
+        )
     if len(gnd) != scores.n_queries:
         raise ValueError(f"scores: {scores.n_queries} queries but the ground truth has {len(gnd)}")
     kappas = _check_kappas(kappas)
@@ -180,7 +190,9 @@ def exact_evaluation(
     if entry.name not in LABELLED:  # defined on a top list (gldv2: the top 100)
         k = min(n, 100)
         top = scores.top_k(k).indices
-        return ExactEvaluation(evaluate(top, gnd, entry.name, kappas, n_database=n), per_query_ap(top, gnd, entry.name, n), k)
+        return ExactEvaluation(
+            evaluate(top, gnd, entry.name, kappas, n_database=n), per_query_ap(top, gnd, entry.name, n), k
+        )
     spec = LABELLED[entry.name]
     lab = _labels(spec.sets(gnd), scores, progress)
     return ExactEvaluation(spec.metrics(lab, kappas), spec.query_ap(lab), n)

@@ -3,10 +3,10 @@
 Neighbour search (the ``knn`` parameter of ``dba``, ``dfs`` and ``dfs-offline``):
 
 * ``exact``: every pair scored. Blocked products over the upper triangle of ``x @ x.T`` (the
-  matrix is symmetric: half the work), screened in bfloat16 where the CPU multiplies it
-  natively (AVX512-BF16 / AMX: 2-3x faster than float32) and every kept candidate rescored in
-  float32, with a proven error bound, so the lists are those of float32 products (rows the
-  screen cannot decide are recomputed in float32); faiss's flat kernel for ``k > 256``;
+  matrix is symmetric: about half the work), screened in bfloat16 where the CPU multiplies it
+  natively (AVX512-BF16 / AMX: 2-3x faster than float32), the few pairs that the screen's
+  proven error bound cannot rule out rescored in float32, so the lists are those of float32
+  products (:mod:`._exact`); faiss's flat kernel for ``k > 256``;
 * ``ivf`` (alias ``approx``): a faiss ``IVF{nlist},Flat`` index (``nlist = 2 sqrt(N)``,
   trained on ``40 nlist`` sampled vectors; ``SQ8`` codes instead of ``Flat`` when a float32
   copy of the database would exceed 4 GiB) searched with ``nprobe`` lists (default 8);
@@ -27,12 +27,10 @@ sliced rather than recomputed. torch and faiss are imported on first use.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from ..types import as_rows
 from ..utils.io import atomic_write, stable_hash
 from ..utils.linalg import exact_knn, exact_search, recall_at_k
 from ..utils.paths import default_cache_root
+from ._exact import _exact_graph
 from .base import progress_bar
 from .cache import CACHE, freeze
 
@@ -66,8 +65,6 @@ RECALL_SAMPLE = 1000  # vectors searched exactly to measure an approximate graph
 _FLAT_MAX_BYTES = 4 << 30  # above this, an IVF graph stores SQ8 codes, not a float32 copy
 _CHUNK_ROWS = 1 << 16  # rows searched (and saved) per chunk of an index graph
 _TOPK_MAX_K = 256  # exact graphs: blocked products + top-k up to this k, faiss's kernel above
-_SCREEN_MARGIN = 32  # exact graphs: candidates kept per row beyond k by the bfloat16 screen
-_U_BF16 = 2.0**-8  # unit roundoff of bfloat16
 
 
 def resolve_knn(method: str, n: int) -> str:
@@ -100,108 +97,17 @@ class KnnGraph:
     info: Mapping[str, Any]
 
     def head(self, k: int) -> KnnGraph:
-        """The first ``k`` neighbours of every vector (views), recall re-measured only if known for ``k``."""
+        """The first ``k`` neighbours of every vector (views); ``recall`` becomes the recall@k
+        measured on the same sample (``recall_by_k`` holds every ``k`` up to 128)."""
         if k >= self.ids.shape[1]:
             return self
         info = dict(self.info, k=int(k))
         by_k = info.get("recall_by_k", {})
         if str(k) in by_k:
             info["recall"] = by_k[str(k)]
+        elif not info.get("exact", False):
+            info["recall"] = None  # not measured for this k
         return KnnGraph(self.sims[:, :k], self.ids[:, :k], info)
-
-
-# --------------------------------------------------------------------------- exact graphs
-
-
-@functools.lru_cache(maxsize=1)
-def _native_bf16() -> bool:
-    """Whether the CPU multiplies bfloat16 natively (then the bf16 screen is 2-3x faster than float32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def _merge_top(run_v: Any, run_i: Any, rows: slice, v: Any, i: Any, m: int) -> None:
-    """Merge candidate values / ids ``(r, c)`` into the running top-``m`` of ``rows`` (torch, in place)."""
-    import torch
-
-    cv = torch.cat([run_v[rows], v], dim=1)
-    ci = torch.cat([run_i[rows], i], dim=1)
-    top_v, at = torch.topk(cv, min(m, cv.shape[1]), dim=1)
-    run_v[rows, : top_v.shape[1]] = top_v
-    run_i[rows, : top_v.shape[1]] = torch.gather(ci, 1, at)
-
-
-def _exact_graph(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` of every row of ``x @ x.T`` (itself included), float32 similarities,
-    equal similarities by increasing index.
-
-    Blocks ``(I, J)`` with ``J >= I`` are multiplied once and feed both ``I``'s rows and (by
-    the transpose) ``J``'s: half of ``N^2 D``. With native bfloat16 the blocks are bf16
-    products and each row keeps its top ``m = k + 32`` screened values; since a bf16 product
-    is within ``delta = (4 u + 2 D 2^-24) |x_i| |x_j|`` of the float32 one (``u = 2^-8``;
-    measured errors stay below ``1.3 u``), every float32 top-``k`` item has a screened value
-    of at least ``t - 2 delta`` (``t``: the ``k``-th screened value), so when the ``m``-th kept
-    value is below that, the kept list holds them all and rescoring it in float32 is exact.
-    Rows where it is not (more than ``m`` near-ties) are recomputed in float32.
-    """
-    import torch
-
-    n, d = x.shape
-    with warnings.catch_warnings():  # read-only arrays (the cache's) are only read here
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    screen = _native_bf16() and n > 2048
-    m = min(n, k + _SCREEN_MARGIN) if screen else k
-    tb = t.to(torch.bfloat16) if screen else t
-    block = max(256, min(n, int(math.sqrt((1 << 22) * 2))))  # (block, block) products of ~8-16 MiB
-    run_v = torch.full((n, m), -math.inf, dtype=torch.float32)
-    run_i = torch.full((n, m), -1, dtype=torch.int64)
-    starts = list(range(0, n, block))
-    for a in starts:
-        ra = slice(a, min(a + block, n))
-        for b in starts:
-            if b < a:
-                continue
-            rb = slice(b, min(b + block, n))
-            s = torch.mm(tb[ra], tb[rb].T).float()  # (|I|, |J|)
-            cols = torch.arange(rb.start, rb.stop, dtype=torch.int64).expand(s.shape[0], -1)
-            kk = min(m, s.shape[1])
-            v, i = torch.topk(s, kk, dim=1)
-            _merge_top(run_v, run_i, ra, v, torch.gather(cols, 1, i), m)
-            if b != a:
-                st = s.T
-                rows_a = torch.arange(ra.start, ra.stop, dtype=torch.int64).expand(st.shape[0], -1)
-                v, i = torch.topk(st, min(m, st.shape[1]), dim=1)
-                _merge_top(run_v, run_i, rb, v, torch.gather(rows_a, 1, i), m)
-    ids = run_i.numpy()
-    if not screen:  # float32 products already: order ties by index
-        sims = run_v.numpy()
-        order = np.lexsort((ids, -sims), axis=-1)
-        return np.take_along_axis(sims, order, axis=1)[:, :k].copy(), np.take_along_axis(ids, order, axis=1)[:, :k].copy()
-    vals = run_v.numpy()
-    norms = np.linalg.norm(x, axis=1).astype(np.float64)
-    delta = (4 * _U_BF16 + 2 * d * 2.0**-24) * norms * norms.max() * 1.01  # (N,)
-    floor = vals[:, k - 1] - 2 * delta  # (N,) every float32 top-k item screens at or above it
-    decided = (vals[:, -1] < floor) | (m >= n)
-    keep = (vals >= floor[:, None]) & (ids >= 0) & decided[:, None]
-    exact = np.full(ids.shape, -np.inf, np.float32)
-    r, c = np.nonzero(keep)
-    for lo in range(0, r.size, 1 << 16):  # float32 rescoring of the kept candidates
-        rr, cc = r[lo : lo + (1 << 16)], c[lo : lo + (1 << 16)]
-        exact[rr, cc] = np.einsum("pd,pd->p", x[rr], x[ids[rr, cc]])
-    tie_ids = np.where(keep, ids, np.iinfo(np.int64).max)
-    order = np.lexsort((tie_ids, -exact), axis=-1)[:, :k]
-    out_s = np.take_along_axis(exact, order, axis=1)
-    out_i = np.take_along_axis(ids, order, axis=1)
-    undecided = np.flatnonzero(~decided)
-    for lo in range(0, undecided.size, 1024):  # float32 products for rows the screen left open
-        rows = undecided[lo : lo + 1024]
-        res = exact_search(x[rows], x, k)
-        out_s[rows], out_i[rows] = res.scores, res.indices
-    return np.ascontiguousarray(out_s), np.ascontiguousarray(out_i)
 
 
 # --------------------------------------------------------------------------- index graphs
@@ -332,7 +238,7 @@ def _measure_recall(x: np.ndarray, ids: np.ndarray, seed: int) -> dict[str, Any]
     m = min(n, RECALL_SAMPLE)
     rows = np.sort(np.random.default_rng(seed + 1).choice(n, size=m, replace=False))
     exact = exact_search(x[rows], x, k).indices
-    ats = sorted({j for j in (1, 5, 10, 20, 50, 100) if j <= k} | {k})
+    ats = range(1, k + 1) if k <= 128 else sorted({j for j in (1, 5, 10, 20, 50, 100) if j <= k} | {k})
     by_k = {str(j): recall_at_k(ids[rows], exact, j) for j in ats}
     return {"recall": by_k[str(k)], "recall_by_k": by_k, "recall_sample": int(m)}
 

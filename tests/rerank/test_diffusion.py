@@ -109,7 +109,7 @@ def test_dfs_defaults_match_per_query_scipy_cg(rng):
 
 @pytest.mark.parametrize("chunk", [1 << 21, 150])  # 150: two queries ranked at a time
 def test_dfs_keeps_the_result_length_and_fills_from_the_previous_ranking(rng, monkeypatch, chunk):
-    monkeypatch.setattr(dfs_mod, "_RANK_CHUNK", chunk)
+    monkeypatch.setattr("retrbench.rerank._solve._RANK_CHUNK", chunk)
     q, db = clustered(rng)
     f_ref = dfs_reference(q, db, 5, 3, 0.99, 3.0)
     assert np.all((f_ref > 0).sum(axis=1) < 72)  # the k=5 graph has several components

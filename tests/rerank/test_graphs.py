@@ -4,6 +4,7 @@ their recall reported, and the disk cache (hits, resumption)."""
 import numpy as np
 import pytest
 
+import retrbench.rerank._exact as exact_kernels
 import retrbench.rerank.graphs as graphs
 from retrbench.rerank import EXACT_KNN_MAX_N, RankState, build_reranker, database_knn, knn_graph, rerank
 from retrbench.rerank.graphs import resolve_knn
@@ -40,17 +41,19 @@ def test_exact_knn_matches_numpy(rng, n, k):
     assert not sims.flags.writeable and not ids.flags.writeable
 
 
-@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("native", [True, False, "blocked"])
 def test_exact_graph_bf16_screen_is_exact(rng, monkeypatch, native):
     """The bfloat16 screen (or plain float32 blocks) gives the float32 lists, near-ties and
     duplicates included (rows the screen cannot decide are recomputed)."""
-    graphs._native_bf16.cache_clear()
-    monkeypatch.setattr(graphs, "_native_bf16", lambda: native)
+    exact_kernels._native_bf16.cache_clear()
+    monkeypatch.setattr(exact_kernels, "_native_bf16", lambda: native is True)
+    if native == "blocked":  # float32 blocks and running top-k lists (large databases)
+        monkeypatch.setattr(exact_kernels, "_SCREEN_MAX_N", 0)
     centres = rng.standard_normal((30, 64))
     x = np.repeat(centres, 100, axis=0) + 0.05 * rng.standard_normal((3000, 64))
     x[1500:1600] = x[1400:1500]  # exact duplicates: ties broken by index
     x = l2(x).astype(np.float32)
-    sims, ids = graphs._exact_graph(x, 6)
+    sims, ids = exact_kernels._exact_graph(x, 6)
     ref_s, ref_i = reference_lists(x, 6)
     np.testing.assert_allclose(sims, ref_s, atol=2e-6)
     same = (ids == ref_i).all(axis=1)

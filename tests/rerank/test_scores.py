@@ -26,7 +26,10 @@ def test_scores_rank_like_the_state(rng, spec):
     np.testing.assert_array_equal(top.indices, full.result.indices)
     np.testing.assert_allclose(top.scores, full.result.scores, rtol=1e-6, atol=1e-7)
     # the same method started from a top-20 list: its scores still give the full ranking's metrics
-    gnd = [{"easy": np.arange(i * 12, i * 12 + 6), "hard": np.arange(i * 12 + 6, i * 12 + 10), "junk": np.array([i])} for i in range(len(q))]
+    gnd = [
+        {"easy": np.arange(i * 12, i * 12 + 6), "hard": np.arange(i * 12 + 6, i * 12 + 10), "junk": np.array([i])}
+        for i in range(len(q))
+    ]
     short = build_reranker(spec)(start(q, db, k=20))
     assert short.result.k == 20
     if "aqe" in spec and "dfs" not in spec:  # AQE expands with the top-k: the same from a top-20 list
