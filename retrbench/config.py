@@ -169,6 +169,12 @@ class RunConfig:
         max_pixels: images above this many pixels are refused with a clear error instead of
             being decoded (decompression bombs); 0 or None: no limit. The default is Pillow's
             own error threshold.
+        index: ``flat`` (exact search, default) or a faiss index_factory string (``IVF4096,Flat``,
+            ``IVF65536,PQ64``, ``HNSW32``): approximate, its recall@k against exact search is
+            measured on the queries and written into the rows.
+        nprobe: inverted lists visited by an IVF index (None: faiss's default).
+        efsearch: search depth of an HNSW index (None: faiss's default).
+        index_train_size: vectors the index is trained on (None: a size suited to the index).
         topk: length of the ranking kept per query; None keeps the full ranking for databases
             up to 100,000 images and the top 1,000 beyond (100 for GLDv2's mAP@100).
     """
@@ -196,6 +202,10 @@ class RunConfig:
     allow_missing: bool = False
     dataset_options: tuple[tuple[str, Any], ...] = ()
     topk: int | None = None
+    index: str = "flat"
+    nprobe: int | None = None
+    efsearch: int | None = None
+    index_train_size: int | None = None
     exif: bool | None = None
     max_pixels: int | None = DEFAULT_MAX_PIXELS
 

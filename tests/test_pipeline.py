@@ -132,3 +132,22 @@ def test_results_dir_that_is_a_file_fails_before_any_work(tiny_folder, tmp_path,
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         rb.run(model="random", dataset=f"folder:{tiny_folder}", results_dir=tmp_path / "file")
+
+
+def test_evaluation_is_exact_on_the_full_ranking_and_approximate_indexes_are_labelled():
+    from retrbench.evaluation import evaluate
+    from retrbench.pipeline import evaluate_features
+
+    rng = np.random.default_rng(0)
+    db = rng.standard_normal((3000, 16)).astype(np.float32)
+    q = rng.standard_normal((6, 16)).astype(np.float32)
+    gnd = [{"ok": rng.choice(3000, 20, replace=False), "junk": np.array([], np.int64)} for _ in q]
+    exact = evaluate_features(db, q, gnd, "map", rerank="aqe")
+    assert exact.provenance["evaluation"] == "exact" and exact.provenance["ranking_length"] == 3000
+    assert not exact.provenance["approximate"] and exact.provenance["index"] == "flat"
+    full = evaluate(exact.result.indices, gnd, "map")  # the ranked list here is the full ranking
+    assert {(m.split, m.name): round(m.value, 9) for m in exact.metrics} == {(m.split, m.name): round(m.value, 9) for m in full}
+    ivf = evaluate_features(db, q, gnd, "map", index="IVF16,Flat", nprobe=1)
+    p = ivf.provenance
+    assert p["approximate"] and p["evaluation"] == "top-k" and p["index"] == "IVF16,Flat"
+    assert 0.0 <= p["index_info"]["recall"][next(iter(p["index_info"]["recall"]))] <= 1.0

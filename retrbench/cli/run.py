@@ -75,6 +75,10 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help=h["workers"] + " (default %(default)s)")
     p.add_argument("--dataset-option", type=_option, action="append", default=[], metavar="KEY=VALUE", help=h["dataset_options"] + " (repeatable)")
     p.add_argument("--topk", type=int, default=None, help=h["topk"])
+    p.add_argument("--index", default=d.index, metavar="SPEC", help=h["index"] + " (default %(default)s)")
+    p.add_argument("--nprobe", type=int, default=None, help=h["nprobe"])
+    p.add_argument("--efsearch", type=int, default=None, help=h["efsearch"])
+    p.add_argument("--index-train-size", type=int, default=None, metavar="N", help=h["index_train_size"])
     p.add_argument("--exif", action=argparse.BooleanOptionalAction, default=None, help=h["exif"])
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, metavar="N", help=h["max_pixels"] + " (default %(default)s)")
     p.add_argument("--allow-missing", action="store_true", help=h["allow_missing"])
@@ -131,6 +135,10 @@ def _build(a: argparse.Namespace, RunConfig: Any) -> Any:  # noqa: N803
         allow_missing=a.allow_missing,
         dataset_options=tuple(a.dataset_option),
         topk=a.topk,
+        index=a.index,
+        nprobe=a.nprobe,
+        efsearch=a.efsearch,
+        index_train_size=a.index_train_size,
         exif=a.exif,
         max_pixels=a.max_pixels or None,
     )

@@ -27,6 +27,7 @@ from ..extraction import CACHE_FORMAT, FeatureCache, ImageSpec
 from ..extraction import extract as extract_set
 from ..pooling import POOLINGS, Pooling, parse_pooling, pooling_label
 from ..rerank import RankState, build_reranker, pipeline_label
+from ..search import check_index
 from ..specs import ModelRef, Step
 from ..types import RetrievalDataset
 from ..utils.io import stable_hash
@@ -97,6 +98,7 @@ def check_config(cfg: RunConfig) -> _Plan:
     (unknown name, with close matches) or ``ValueError`` (bad parameter)."""
     pool = parse_pooling(cfg.pooling)
     reranker = build_reranker(cfg.rerank)
+    check_index(cfg.index)
     for ref in cfg.models:
         if not BACKBONES.is_known(ref.name):
             BACKBONES.get(ref.name)  # raises with close matches

@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,11 @@ from .._version import __version__
 from ..backbones import Backbone
 from ..config import RunConfig, config_id
 from ..datasets import default_resize
-from ..evaluation import PROTOCOLS, evaluate, per_query_ap
+from ..evaluation import PROTOCOLS, evaluate, exact_evaluation, per_query_ap
 from ..rerank import RankState, build_reranker, clamp_notes
 from ..results import RunResult, append_results, check_results_dir, tidy_rows
-from ..search import search
-from ..utils.linalg import l2_normalize
+from ..search import search_index
+from ..utils.linalg import InnerProductScores, l2_normalize
 from ..whitening import postprocess
 from .features import DatasetFeatures, _image_ids, _labels, check_config, extract_features
 
@@ -58,6 +58,10 @@ class Evaluation:
         whitening: dimension used, cap and note (see :func:`~retrbench.whitening.postprocess`).
         rerank_notes: clamps of rerank parameters to the database size.
         timings: seconds of post-processing, search and reranking.
+        provenance: how it was evaluated, for the rows: ``evaluation`` (``exact``: the full
+            ranking's metrics, counted from the scores; ``top-k``: the ranked list),
+            ``ranking_length`` (evaluated), ``result_length``, ``index`` and its measured
+            recall, the rerank steps' reports and ``approximate`` (anything approximated).
     """
 
     result: Any
@@ -66,6 +70,7 @@ class Evaluation:
     whitening: dict[str, Any]
     rerank_notes: list[str]
     timings: dict[str, float]
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate_features(
@@ -80,14 +85,23 @@ def evaluate_features(
     topk: int | None = None,
     postprocess_fn: Callable[..., tuple[np.ndarray, np.ndarray, dict[str, Any]]] | None = None,
     label: str = "",
+    index: str = "flat",
+    nprobe: int | None = None,
+    efsearch: int | None = None,
+    index_train_size: int | None = None,
+    progress: bool = False,
 ) -> Evaluation:
     """L2 -> (PCA-whitening -> L2) -> exact search -> rerank -> metrics, on descriptors from any
     source: ``database`` ``(N, D)`` and ``queries`` ``(Q, D)`` with the ground truth ``gnd``
     (``Q`` per-query dicts) of ``protocol``. ``run`` calls exactly this after extraction.
 
     ``whiten`` learns PCA-whitening on ``train`` (default: the database); ``rerank`` is a
-    rerank spec; ``topk`` truncates the ranking (default: the protocol's rule). A capped
-    whitening dimension is warned (:class:`WhiteningNote`) and logged, prefixed by ``label``.
+    rerank spec; ``topk`` truncates the ranking (default: the protocol's rule for the list
+    handed to the rerankers; the metrics are then those of the full ranking, counted from the
+    scores, whenever the search is exact and every rerank step defines a score for every database
+    item). ``index`` is ``flat`` (exact) or a faiss ``index_factory`` string, whose recall against
+    exact search is measured and reported. A capped whitening dimension is warned
+    (:class:`WhiteningNote`) and logged, prefixed by ``label``.
     """
     reranker = build_reranker(rerank)
     PROTOCOLS.get(protocol)
@@ -100,17 +114,36 @@ def evaluate_features(
         warnings.warn(f"{label}: {winfo['note']}" if label else winfo["note"], WhiteningNote, stacklevel=3)
 
     t0 = time.perf_counter()
-    result = search(qw, dbw, k=_ranking_length(dbw.shape[0], protocol, topk))
+    k = _ranking_length(dbw.shape[0], protocol, topk)
+    result, sinfo = search_index(qw, dbw, k, index, nprobe=nprobe, efsearch=efsearch, train_size=index_train_size, progress=progress)
     t_search = time.perf_counter() - t0
     notes = clamp_notes(rerank, dbw.shape[0])
     for note in notes:
         log.warning("%s%s", f"{label}: " if label else "", note)
     t0 = time.perf_counter()
-    result = reranker(RankState(qw, dbw, result)).result
+    scores = InnerProductScores(qw, dbw) if sinfo.get("exact") else None
+    state = reranker(RankState(qw, dbw, result, scores=scores))
+    result = state.result
     t_rerank = time.perf_counter() - t0
-    metrics = evaluate(result.indices, gnd, protocol, n_database=n)
-    query_ap = per_query_ap(result.indices, gnd, protocol, n_database=n)
-    return Evaluation(result, metrics, query_ap, winfo, notes, {"postprocess_s": t_post, "search_s": t_search, "rerank_s": t_rerank})
+    if topk is None and state.scores is not None:
+        ex = exact_evaluation(state.scores, gnd, protocol, progress=progress)
+        metrics, query_ap, length, how = ex.metrics, ex.query_ap, ex.ranking_length, "exact"
+    else:
+        metrics = evaluate(result.indices, gnd, protocol, n_database=n)
+        query_ap = per_query_ap(result.indices, gnd, protocol, n_database=n)
+        length, how = int(result.k), "top-k"
+    truncated = topk is None and how == "top-k" and int(result.k) < n and protocol != "gldv2"
+    provenance = {
+        "evaluation": how,
+        "ranking_length": int(length),
+        "result_length": int(result.k),
+        "index": sinfo.get("index", index),
+        "index_info": {k_: v for k_, v in sinfo.items() if k_ not in ("index",)},
+        "rerank_reports": [r.to_dict() for r in state.reports],
+        "approximate": bool(not sinfo.get("exact") or state.approximate or truncated),
+    }
+    timings = {"postprocess_s": t_post, "search_s": t_search, "rerank_s": t_rerank}
+    return Evaluation(result, metrics, query_ap, winfo, notes, timings, provenance)
 
 
 def _shipped_whitening(feats: DatasetFeatures, spec: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -174,6 +207,11 @@ def run(
         train=feats.train,
         rerank=cfg.rerank,
         topk=cfg.topk,
+        index=cfg.index,
+        nprobe=cfg.nprobe,
+        efsearch=cfg.efsearch,
+        index_train_size=cfg.index_train_size,
+        progress=progress,
         postprocess_fn=postprocess_fn,
         label=f"{cfg.model} on {cfg.dataset}",
     )
@@ -188,7 +226,7 @@ def run(
         "dim": int(ev.whitening["dim"]),
         "n_database": len(ds.images),
         "n_queries": len(ds.queries),
-        "ranking_length": int(ev.result.k),
+        **ev.provenance,
         "whitening": ev.whitening if shipped is None else {**ev.whitening, "requested_dim": cfg.whiten, "shipped": shipped},
         "rerank_notes": ev.rerank_notes,
         "dataset_notes": dict(ds.notes),
