@@ -151,3 +151,31 @@ def test_evaluation_is_exact_on_the_full_ranking_and_approximate_indexes_are_lab
     p = ivf.provenance
     assert p["approximate"] and p["evaluation"] == "top-k" and p["index"] == "IVF16,Flat"
     assert 0.0 <= p["index_info"]["recall"][next(iter(p["index_info"]["recall"]))] <= 1.0
+
+
+def test_shipped_whitening_is_the_checkpoints_own():
+    from types import SimpleNamespace
+
+    from retrbench.pipeline.features import DatasetFeatures
+    from retrbench.pipeline.run import _shipped_whitening
+
+    rng = np.random.default_rng(0)
+    db, q = rng.standard_normal((7, 4)).astype(np.float32), rng.standard_normal((2, 4)).astype(np.float32)
+    proj = rng.standard_normal((4, 3))
+    seen = []
+
+    def whiten_shipped(x, name=None):  # a checkpoint's PCA: (N, 4) -> (N, 3)
+        seen.append(name)
+        return x @ proj
+
+    backbone = SimpleNamespace(name="gem_ap_r101", whiten_shipped=whiten_shipped)
+    feats = DatasetFeatures(db, q, None, None, [backbone], [1024], {})
+    wdb, wq, note = _shipped_whitening(feats, "shipped:Landmarks_clean")
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(wdb, unit(db) @ proj, rtol=1e-5)  # applied to the L2-normalised descriptors
+    np.testing.assert_allclose(wq, unit(q) @ proj, rtol=1e-5)
+    assert seen == ["Landmarks_clean"] * 2 and "Landmarks_clean" in note
+    with pytest.raises(ValueError, match="not for ensembles"):
+        _shipped_whitening(DatasetFeatures(db, q, None, None, [backbone, backbone], [1, 1], {}), "shipped")
+    with pytest.raises(ValueError, match="ships no whitening"):
+        _shipped_whitening(DatasetFeatures(db, q, None, None, [SimpleNamespace(name="x")], [1], {}), "shipped")
