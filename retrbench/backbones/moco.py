@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..utils.checkpoint import CheckpointError, read_checkpoint, tensor_mapping, top_level
+from ..utils.checkpoint import CheckpointError, preview_keys, read_checkpoint, tensor_mapping, top_level
 from ..utils.io import sha256_file
 from .base import (
     BACKBONES,
@@ -68,10 +68,6 @@ _MOCO_HEAD = {1: (r"^fc\.(weight|bias)$",), 2: (r"^fc\.[02]\.(weight|bias)$",)}
 _MOCO_LAYOUT = "{'epoch', 'arch', 'state_dict', 'optimizer'} with state_dict keys module.encoder_q.*"
 
 
-def _preview(keys: list[object], n: int = 10) -> str:
-    return ", ".join(repr(k) for k in keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
 def moco_encoder_state_dict(path: str | Path, version: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The query encoder of a MoCo pre-training checkpoint, with torchvision names, and the file's metadata.
 
@@ -94,13 +90,13 @@ def moco_encoder_state_dict(path: str | Path, version: int) -> tuple[dict[str, T
     if not q:
         raise CheckpointError(
             f"{path}: no {pre}encoder_q.* keys: not a MoCo pre-training checkpoint (expected {_MOCO_LAYOUT}; "
-            f"found state_dict keys {_preview(list(sd))}). A main_lincls.py checkpoint (module.conv1... + a "
+            f"found state_dict keys {preview_keys(list(sd))}). A main_lincls.py checkpoint (module.conv1... + a "
             f"1000-way fc) is not supported here."
         )
     known = re.compile(rf"^{re.escape(pre)}(encoder_q\.|encoder_k\.|queue$|queue_ptr$)")
     other = [k for k in sd if not known.match(k)]
     if other:
-        raise CheckpointError(f"{path}: unexpected keys in a MoCo checkpoint: {_preview(other)}")
+        raise CheckpointError(f"{path}: unexpected keys in a MoCo checkpoint: {preview_keys(other)}")
     found = 2 if "fc.0.weight" in q else 1 if "fc.weight" in q else None
     if found is not None and found != version:
         use = "mocov2 / mocov2_800ep" if found == 2 else "mocov1"

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from ..utils.checkpoint import CheckpointError, read_checkpoint, tensor_mapping
+from ..utils.checkpoint import CheckpointError, preview_keys, read_checkpoint, tensor_mapping
 from ..utils.io import sha256_file
 from ..utils.paths import weights_cache_dir
 from .base import (
@@ -102,10 +102,6 @@ RESNET50 = BackboneInfo(
 )
 
 
-def _preview(keys: list[object], n: int = 10) -> str:
-    return ", ".join(repr(k) for k in keys[:n]) + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
-
-
 @BACKBONES.register("resnet50", aliases=("baseline", "resnet50-imagenet", "resnet50_imagenet"), info=RESNET50)
 def build_resnet50(weights: str | Path | None = None, pretrained: bool = True) -> Backbone:
     """torchvision ResNet-50 (ImageNet-supervised) returning its ``(B, 2048, H/32, W/32)`` layer4 map.
@@ -127,7 +123,7 @@ def build_resnet50(weights: str | Path | None = None, pretrained: bool = True) -
         hint = " It is a MoCo pre-training checkpoint: use mocov1 / mocov2 / mocov2_800ep." if moco else ""
         raise CheckpointError(
             f"{path}: not a torchvision state dict (a flat mapping of parameter names to tensors): it has "
-            f"top-level keys {_preview(list(obj))}.{hint}"
+            f"top-level keys {preview_keys(list(obj))}.{hint}"
         )
     sd = tensor_mapping(obj, path, "at the top level")
     net = new_network(TorchvisionResNet, pretrained=True)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.checkpoint import CheckpointError, weights_digest
+from ..utils.checkpoint import CheckpointError, preview_keys, weights_digest
 from ..utils.paths import weights_cache_dir
 from .base import (
     INPUT_RESIZE_TO_PATCHES,
@@ -261,11 +261,6 @@ def vit_layout(
     return out
 
 
-def _preview(keys: list[str]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:_SHOW])
-    return shown + (f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
-
-
 def check_layout(
     sd: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], path: str | Path, what: str, hint: str = ""
 ) -> None:
@@ -284,9 +279,9 @@ def check_layout(
         f"{len(reshaped)} with another shape (of {len(expected)} expected keys)"
     ]
     if missing:
-        lines.append(f"  missing: {_preview(missing)}")
+        lines.append(f"  missing: {preview_keys(missing)}")
     if unexpected:
-        lines.append(f"  unexpected: {_preview(unexpected)}")
+        lines.append(f"  unexpected: {preview_keys(unexpected)}")
     if reshaped:
         shapes = [f"{k}: {tuple(sd[k].shape)}, expected {tuple(expected[k])}" for k in reshaped[:_SHOW]]
         lines.append("  shapes: " + "; ".join(shapes) + (f" ... ({len(reshaped) - _SHOW} more)" if len(reshaped) > _SHOW else ""))

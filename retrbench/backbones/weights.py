@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..utils.checkpoint import CheckpointError, split_weights_key
+from ..utils.checkpoint import CheckpointError, preview_keys, split_weights_key
 from ..utils.io import download, sha256_file
 from ..utils.paths import weights_cache_dir
 from .base import BackboneInfo
@@ -52,12 +52,6 @@ PUBLISHED_DIGEST_PREFIX: dict[str, tuple[str, str]] = {
     "moco_v2_800ep_pretrain.pth.tar": ("md5", "a04e12f8"),
 }
 """Published file name -> (hash algorithm, published prefix of its hex digest)."""
-
-
-def _keys_preview(keys: Iterable[object], n: int = _SHOW) -> str:
-    keys = list(keys)
-    shown = ", ".join(repr(k) for k in keys[:n])
-    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,9 +204,9 @@ def strict_load(module: nn.Module, sd: Mapping[str, Tensor], *, ignore: tuple[st
             f"{len(bad_shape)} with another shape"
         ]
         if missing:
-            lines.append(f"  missing from the checkpoint ({len(missing)}): {_keys_preview(missing)}")
+            lines.append(f"  missing from the checkpoint ({len(missing)}): {preview_keys(missing)}")
         if unexpected:
-            lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {_keys_preview(unexpected)}")
+            lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {preview_keys(unexpected)}")
         if bad_shape:
             shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad_shape[:_SHOW]]
             more = f" ... ({len(bad_shape) - _SHOW} more)" if len(bad_shape) > _SHOW else ""

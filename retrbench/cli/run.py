@@ -52,7 +52,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     d, h = RunConfig(), field_help()
     from ..config import PRESETS
 
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of settings, e.g. icmr21 (the ICMR 2021 paper's: fixed resolution, R-MAC, 512-d whitening, BatchNorm re-calibration by train() passes); options given explicitly win")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named set of settings, e.g. icmr21 (the ICMR 2021 paper's: fixed resolution, R-MAC, 512-d whitening, BatchNorm re-calibration by train() passes); it fills every option left at its default value (an option set to anything else wins)")
     p.add_argument("--model", default=d.model, help=f"{h['model']} Known: {', '.join(BACKBONES.list())}, or {', '.join(r.prefix + '...' for r in BACKBONES.resolvers if r.prefix)} (default %(default)s)")
     p.add_argument("--weights", default=None, help=h["weights"])
     p.add_argument("--dataset", default=d.dataset, help=f"{h['dataset']} {_choices(DATASETS)} (default %(default)s)")

@@ -40,7 +40,7 @@ import pickle
 import pickletools
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,6 +51,7 @@ from torch import Tensor
 from .io import sha256_file
 
 __all__ = [
+    "preview_keys",
     "NESTED_KEYS",
     "NUMPY_GLOBALS",
     "CheckpointError",
@@ -119,7 +120,8 @@ def _global_name(g: Any) -> str:
 # Reading
 
 
-def _preview(keys: Sequence[object] | Mapping[Any, Any], n: int = _SHOW) -> str:
+def preview_keys(keys: Iterable[object] | Mapping[Any, Any], n: int = _SHOW) -> str:
+    """``'a', 'b', ... (12 more)``: the first ``n`` keys of a checkpoint, for error messages."""
     keys = list(keys)
     shown = ", ".join(repr(k) for k in keys[:n])
     return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
@@ -370,13 +372,13 @@ def read_state_dict(
         obj = read_checkpoint(p, allow=allow, fmt=fmt)
         if key is not None:
             if not isinstance(obj, Mapping) or key not in obj:
-                found = f"keys {_preview(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}, not a mapping"
+                found = f"keys {preview_keys(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}, not a mapping"
                 raise CheckpointError(f"{p}: expected the top-level key {key!r}; found {found}")
             sd = tensor_mapping(obj[key], p, f"under {key!r}")
         elif nested and not _is_flat(obj):
             inner = [k for k in nested if isinstance(obj, Mapping) and _is_flat(obj.get(k))]
             if not inner:
-                found = f"keys {_preview(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+                found = f"keys {preview_keys(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
                 raise CheckpointError(
                     f"{p}: no state dict found: expected a flat mapping of names to tensors, at the top level or "
                     f"under one of {list(nested)}; found {found}{_key_hint(obj, p)}"
@@ -392,7 +394,7 @@ def _key_hint(obj: Any, path: Path) -> str:
     inner = [k for k, v in obj.items() if isinstance(k, str) and isinstance(v, Mapping)] if isinstance(obj, Mapping) else []
     if not inner:
         return ""
-    return f"; if the weights are under one of {_preview(inner, 5)}, pass {_WEIGHTS_KEY_HINT}, e.g. --weights {path}#{inner[0]}"
+    return f"; if the weights are under one of {preview_keys(inner, 5)}, pass {_WEIGHTS_KEY_HINT}, e.g. --weights {path}#{inner[0]}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,7 +411,7 @@ def tensor_mapping(obj: Any, path: str | Path, where: str, *, hint: str = "") ->
     if bad:
         raise CheckpointError(
             f"{path}: expected a flat mapping of parameter names to tensors {where}; found keys "
-            f"{_preview(obj)} of which {len(bad)} are not str -> tensor ({_preview(bad, 5)}){hint}"
+            f"{preview_keys(obj)} of which {len(bad)} are not str -> tensor ({preview_keys(bad, 5)}){hint}"
         )
     return dict(obj)
 
@@ -417,7 +419,7 @@ def tensor_mapping(obj: Any, path: str | Path, where: str, *, hint: str = "") ->
 def top_level(obj: Any, path: str | Path, required: Sequence[str], fmt: str, layout: str) -> Mapping[str, Any]:
     """``obj`` as a mapping holding every key of ``required``; else a CheckpointError describing both layouts."""
     if not isinstance(obj, Mapping) or any(k not in obj for k in required):
-        found = f"keys {_preview(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        found = f"keys {preview_keys(obj)}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
         raise CheckpointError(f"{path}: not a {fmt} checkpoint: expected {layout}; found {found}")
     return obj
 
